@@ -1,0 +1,335 @@
+"""NearIDModel: a frozen backbone + a trainable MAP head, saved as a Hugging Face style dir.
+
+A model directory holds `config.json` (format version, backbone reference, head dims),
+`model.safetensors` (head weights under `head.`, backbone weights under `backbone.` only
+when the backbone cannot be rebuilt from its name) and a `README.md` model card. Loading
+reads safetensors only and refuses directories that contain pickle-based weight files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from nearid.backbone import (
+    KIND_CLASSES,
+    Backbone,
+    download_s3_dir,
+    load_backbone,
+    processor_from_spec,
+)
+from nearid.head import MAPHead
+
+FORMAT_NAME = "nearid-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class NearIDModel(nn.Module):
+    """Identity embedding model: backbone tokens -> MAP head -> L2-normalised [B, D]."""
+
+    def __init__(self, backbone: Backbone, head: MAPHead) -> None:
+        super().__init__()
+        if head.hidden_size != backbone.hidden_size:
+            raise ValueError(f"head hidden_size {head.hidden_size} != backbone hidden_size {backbone.hidden_size}")
+        self.backbone = backbone
+        self.head = head
+
+    @classmethod
+    def from_backbone(
+        cls,
+        name: str,
+        *,
+        head_seed: int = 0,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        **backbone_kwargs: Any,
+    ) -> "NearIDModel":
+        """Load backbone `name` (see `load_backbone`) and start the head from its pretrained
+        MAP head; backbones without one (CLIP, DINOv2) get a fresh head seeded by `head_seed`."""
+        backbone = load_backbone(name, dtype=dtype, device=device, **backbone_kwargs)
+        if backbone.has_map_head:
+            head = MAPHead.from_backbone(backbone)
+        else:
+            config = backbone.model.config
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(head_seed)
+                head = MAPHead.from_config(
+                    hidden_size=backbone.hidden_size,
+                    num_heads=config.num_attention_heads,
+                    intermediate_size=config.intermediate_size,
+                    layer_norm_eps=config.layer_norm_eps,
+                    hidden_act=config.hidden_act,
+                )
+        head = head.to(device=device, dtype=dtype) if dtype else head.to(device)
+        return cls(backbone, head)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.head.hidden_size
+
+    def embed_tokens(self, tokens: torch.Tensor, fast: bool = True) -> torch.Tensor:
+        """Backbone tokens [B, T, D] -> unit-norm embeddings [B, D] (differentiable)."""
+        head_param = self.head.probe
+        tokens = tokens.to(device=head_param.device, dtype=head_param.dtype)
+        return F.normalize(self.head(tokens, fast=fast), dim=-1)
+
+    @torch.no_grad()
+    def embed(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """PIL images -> unit-norm embeddings [N, D] (float32, CPU), in batches."""
+        if not images:
+            return torch.empty(0, self.embedding_dim)
+        chunks = []
+        for start in range(0, len(images), batch_size):
+            pixels = self.backbone.preprocess(images[start:start + batch_size])
+            chunks.append(self.embed_tokens(self.backbone.tokens(pixels)).float().cpu())
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def score(self, a_images: list[Image.Image], b_images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:
+        """Cosine similarity of each pair (a_images[i], b_images[i]): [N]."""
+        if len(a_images) != len(b_images):
+            raise ValueError(f"score needs equal lengths, got {len(a_images)} and {len(b_images)}")
+        return (self.embed(a_images, batch_size) * self.embed(b_images, batch_size)).sum(dim=-1)
+
+    # ---- saving ---------------------------------------------------------------------------
+
+    def _config_dict(self, backbone_included: bool) -> dict[str, Any]:
+        backbone = self.backbone
+        backbone_cfg: dict[str, Any] = {
+            "name": backbone.name,
+            "kind": backbone.kind,
+            "weights_included": backbone_included,
+            "hidden_size": backbone.hidden_size,
+            "image_size": backbone.image_size,
+            "num_tokens": backbone.num_tokens,
+        }
+        if backbone.seed is not None:
+            backbone_cfg["seed"] = backbone.seed
+        if backbone.name == "tiny-random":
+            backbone_cfg["tiny_overrides"] = backbone.tiny_overrides
+        if backbone_included:
+            # Enough to rebuild the architecture and preprocessing offline, without the name.
+            backbone_cfg["hf_config"] = backbone.model.config.to_dict()
+            backbone_cfg["image_processor"] = backbone.processor_spec()
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "backbone": backbone_cfg,
+            "head": self.head.dims(),
+            "embedding_dim": self.embedding_dim,
+            "normalize": True,
+            "similarity": "cosine",
+        }
+
+    def save_pretrained(
+        self, directory: str | os.PathLike, metrics: dict | None = None, save_backbone: bool | None = None
+    ) -> Path:
+        """Write config.json, model.safetensors and README.md into `directory`.
+
+        `save_backbone=None` stores backbone weights only when the backbone cannot be
+        reloaded by name; False with such a backbone raises ValueError.
+        """
+        if save_backbone is None:
+            save_backbone = not self.backbone.reloadable
+        elif not save_backbone and not self.backbone.reloadable:
+            raise ValueError(f"backbone {self.backbone.name!r} cannot be reloaded by name: save_backbone must be True")
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {f"head.{key}": value for key, value in self.head.state_dict().items()}
+        if save_backbone:
+            tensors.update({f"backbone.{key}": value for key, value in self.backbone.model.state_dict().items()})
+        # safetensors refuses shared or strided storage: give every tensor its own memory.
+        tensors = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+        config = self._config_dict(save_backbone)
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (out / CARD_FILE).write_text(model_card(config, metrics))
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        storage_options: dict | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> "NearIDModel":
+        """Load a directory written by `save_pretrained` (local or `s3://`).
+
+        Safetensors only. Raises ValueError for pickle-based files in the dir or for
+        missing/unexpected/misshapen tensors, FileNotFoundError for a missing config.json.
+        """
+        path_str = str(path)
+        directory = download_s3_dir(path_str, storage_options, cache_dir) if path_str.startswith("s3://") else Path(path)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"model directory not found: {path_str}")
+        pickled = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise ValueError(f"{path_str}: NearIDModel.from_pretrained refuses pickle-based file(s) {pickled}")
+        config_path = directory / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_FILE} in {path_str} (looked for {config_path})")
+        config = json.loads(config_path.read_text())
+        _check_format(config, config_path)
+        weights_path = directory / WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in {path_str} (looked for {weights_path})")
+        tensors = load_file(str(weights_path))
+
+        head = MAPHead.from_config(**config["head"])
+        expected = {f"head.{key}": value.shape for key, value in head.state_dict().items()}
+        backbone_cfg = config["backbone"]
+        if backbone_cfg.get("weights_included"):
+            backbone = _backbone_from_config(backbone_cfg)
+            expected.update({f"backbone.{k}": v.shape for k, v in backbone.model.state_dict().items()})
+        else:
+            backbone = load_backbone(
+                backbone_cfg["name"],
+                tiny_overrides=backbone_cfg.get("tiny_overrides") or None,
+                seed=backbone_cfg.get("seed", 0),
+                storage_options=storage_options,
+                cache_dir=cache_dir,
+            )
+        _check_tensor_names(tensors, expected, weights_path)
+        head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
+        if backbone_cfg.get("weights_included"):
+            backbone.model.load_state_dict(
+                {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+            )
+        model = cls(backbone, head)
+        return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+def _check_format(config: dict, config_path: Path) -> None:
+    if config.get("format") != FORMAT_NAME:
+        raise ValueError(f"{config_path}: format is {config.get('format')!r}, expected {FORMAT_NAME!r}")
+    if config.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path}: format_version {config.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    for field in ("backbone", "head"):
+        if field not in config:
+            raise ValueError(f"{config_path}: missing field {field!r}")
+
+
+def _check_tensor_names(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path) -> None:
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing tensors {missing}, unexpected tensors {unexpected}")
+    misshapen = sorted(
+        f"{name} {list(tensors[name].shape)} != {list(shape)}"
+        for name, shape in expected.items()
+        if tensors[name].shape != shape
+    )
+    if misshapen:
+        raise ValueError(f"{source}: tensors with wrong shape: {misshapen}")
+
+
+def _backbone_from_config(backbone_cfg: dict) -> Backbone:
+    """Rebuild a backbone architecture from its saved config; weights are loaded afterwards."""
+    kind = backbone_cfg["kind"]
+    if kind not in KIND_CLASSES:
+        raise ValueError(f"backbone kind {kind!r} is not one of {sorted(KIND_CLASSES)}")
+    model_cls, config_cls = KIND_CLASSES[kind]
+    hf_config = config_cls.from_dict(backbone_cfg["hf_config"])
+    model = model_cls(hf_config)
+    processor = processor_from_spec(backbone_cfg["image_processor"])
+    return Backbone(
+        model, kind, processor, name=backbone_cfg["name"], reloadable=False,
+        tiny_overrides=backbone_cfg.get("tiny_overrides"), seed=backbone_cfg.get("seed"),
+    )
+
+
+def model_card(config: dict, metrics: dict | None = None) -> str:
+    """Markdown model card: what the model is, its backbone, metrics and how to load it."""
+    backbone = config["backbone"]
+    head = config["head"]
+    lines = [
+        "---",
+        "library_name: nearid",
+        "tags: [image-feature-extraction, identity-embedding, nearid]",
+        "---",
+        "",
+        "# NearID identity embedding model",
+        "",
+        "Identity-aware image embeddings: a frozen vision backbone followed by a retrained",
+        "multihead attention pooling (MAP) head. Embeddings are L2-normalised; compare images",
+        "with cosine similarity. Trained to rank a true other view of the same object above a",
+        "near-identity distractor (a look-alike object in the exact same background).",
+        "",
+        "## Backbone",
+        "",
+        f"- name: `{backbone['name']}` ({backbone['kind']})",
+        f"- input: {backbone['image_size']}x{backbone['image_size']} px, {backbone['num_tokens']} tokens of "
+        f"{backbone['hidden_size']} dims",
+        f"- weights stored in this repo: {'yes' if backbone['weights_included'] else 'no (rebuilt from the name)'}",
+        f"- head: {head['num_heads']} heads, hidden {head['hidden_size']}, MLP {head['intermediate_size']} "
+        f"({head['hidden_act']})",
+        "",
+    ]
+    if metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        for key, value in metrics.items():
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {shown} |")
+        lines.append("")
+    lines += [
+        "## Usage",
+        "",
+        "```python",
+        "from PIL import Image",
+        "from nearid.model import NearIDModel",
+        "",
+        'model = NearIDModel.from_pretrained("path/to/this/dir")  # or an s3:// path',
+        'sims = model.score([Image.open("ref.png")], [Image.open("gen.png")])',
+        "```",
+        "",
+        "Weights are in safetensors; loading never unpickles and never runs remote code.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _open_image(path: str) -> Image.Image:
+    with fsspec.open(path, "rb") as handle:
+        image = Image.open(handle)
+        image.load()
+    return image
+
+
+def score_pairs(
+    model: NearIDModel, pairs: Iterable[tuple[str, str]], batch_size: int = 32
+) -> list[float]:
+    """Cosine similarity for each (reference path, generated path) pair.
+
+    Paths may be local or any fsspec URL. Each distinct image is embedded once, so many
+    generations against one reference cost one reference embedding.
+    """
+    pairs = list(pairs)
+    unique_paths = list(dict.fromkeys(path for pair in pairs for path in pair))
+    index = {path: i for i, path in enumerate(unique_paths)}
+    embeddings = []
+    for start in range(0, len(unique_paths), batch_size):
+        images = [_open_image(str(p)) for p in unique_paths[start:start + batch_size]]
+        embeddings.append(model.embed(images, batch_size=batch_size))
+    if not embeddings:
+        return []
+    table = torch.cat(embeddings)
+    refs = table[[index[ref] for ref, _ in pairs]]
+    gens = table[[index[gen] for _, gen in pairs]]
+    return (refs * gens).sum(dim=-1).tolist()

@@ -1,0 +1,48 @@
+"""Thin Ray glue shared by the stages: start/attach Ray, run a Ray Data pipeline into a table."""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("nearid")
+
+WORKER_ENV = {"HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
+              "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "NEARID_FAULT"}
+
+
+def init_ray(cfg=None):
+    """Attach to a cluster (`ray job submit` sets RAY_ADDRESS) or start a local runtime."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = (cfg.ray.address if cfg is not None else None) or os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    kwargs = dict(log_to_driver=True, ignore_reinit_error=True, runtime_env={"env_vars": env})
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        n = cfg.ray.num_cpus if cfg is not None and cfg.ray.num_cpus else max(4, os.cpu_count() or 2)
+        mem = (cfg.ray.object_store_memory_mb if cfg is not None and cfg.ray.object_store_memory_mb
+               else 512) * 1024**2
+        ray.init(num_cpus=n, include_dashboard=False, object_store_memory=mem, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    return ray
+
+
+def write_dataset(ds, storage, table: str, partition_cols: list[str] | None = None) -> list[str]:
+    """Write a Ray Dataset atomically into `table`: stage, then move finished files into place."""
+    write_id, stage = storage.staging_dir(table)
+    try:
+        ds.write_parquet(stage, filesystem=storage.fs, partition_cols=partition_cols or None)
+    except BaseException:
+        storage.delete_dir(f"{table}/_staging/{write_id}")
+        raise
+    return storage.commit_staging(table, write_id)
+
+
+def chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

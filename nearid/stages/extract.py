@@ -1,0 +1,292 @@
+"""Stage `extract`: frozen backbone (or a trained NearID model) over Ray Data into `features`.
+
+A CPU stage decodes and preprocesses with the model's own image processor; a fixed actor pool
+runs the model (loaded once per actor); rows come out keyed by (id, view, source) with fp16
+`tokens` [T, D] for training and pooled embeddings (`embedding` + `emb_<readout>`) for evaluation.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..images import BadImage, decode_image
+from ..raytools import chunks, write_dataset
+from ..schema import (DISTRACTORS, FEATURE_KEY, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
+                      make_key, tensor_column)
+
+log = logging.getLogger("nearid.extract")
+MTG_VIEWS = ("image_1", "image_2", "image_1p", "image_2p")
+
+
+class StorageRefused(RuntimeError):
+    """The estimated token cache is larger than the configured limit."""
+
+
+def backbone_kwargs(bcfg) -> dict:
+    return dict(tiny_overrides=bcfg.tiny or None, seed=bcfg.seed) if bcfg.name == "tiny-random" \
+        else dict(seed=bcfg.seed) if bcfg.name == "so400m-random" else {}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def load_scorer(ecfg, device: str = "cpu"):
+    """(backbone, model or None): a NearID model dir wins over the configured backbone."""
+    from ..backbone import load_backbone
+    from ..model import NearIDModel
+
+    dtype = torch_dtype(ecfg.backbone.dtype) if device != "cpu" else None
+    if ecfg.model_dir:
+        model = NearIDModel.from_pretrained(ecfg.model_dir, device=device, dtype=dtype)
+        return model.backbone, model
+    b = ecfg.backbone
+    return load_backbone(b.name, dtype=dtype, device=device, **backbone_kwargs(b)), None
+
+
+def build_processor(ecfg):
+    """Only the image processor, for the CPU stage (never the model weights)."""
+    from ..backbone import (PROCESSOR_CLASSES, processor_from_spec, siglip_processor,
+                            tiny_siglip_config)
+
+    if ecfg.model_dir:
+        import json
+        from pathlib import Path
+
+        conf = json.loads(Path(ecfg.model_dir, "config.json").read_text())["backbone"]
+        if "image_processor" in conf:
+            return processor_from_spec(conf["image_processor"])
+        name, tiny = conf["name"], conf.get("tiny_overrides") or {}
+    else:
+        name, tiny = ecfg.backbone.name, ecfg.backbone.tiny
+    if name == "tiny-random":
+        return siglip_processor(tiny_siglip_config(**tiny).image_size)
+    if name == "so400m-random":
+        return siglip_processor(384)
+    from transformers import AutoImageProcessor
+
+    del PROCESSOR_CLASSES
+    return AutoImageProcessor.from_pretrained(name, backend="pil")
+
+
+class Decode:
+    """CPU stage: bytes -> pixel_values (float32 [3, S, S]); undecodable rows are flagged."""
+
+    def __init__(self, ecfg_json: str):
+        from ..config import ExtractConfig
+
+        self.processor = build_processor(ExtractConfig.model_validate_json(ecfg_json))
+
+    def __call__(self, batch: pa.Table) -> dict:
+        rows = batch.to_pylist()
+        imgs, errors = [], []
+        for r in rows:
+            try:
+                imgs.append(decode_image(r["image"], f"{r['source']} id={r['id']} view={r['view']}"))
+                errors.append("")
+            except BadImage as e:
+                imgs.append(None)
+                errors.append(str(e))
+        good = [im for im in imgs if im is not None]
+        pix = self.processor(images=good, return_tensors="np")["pixel_values"] if good else None
+        shape = pix.shape[1:] if pix is not None else (3, 1, 1)
+        out = np.zeros((len(rows), *shape), dtype=np.float32)
+        j = 0
+        for i, im in enumerate(imgs):
+            if im is not None:
+                out[i] = pix[j]
+                j += 1
+        return {"id": np.array([r["id"] for r in rows], dtype=object),
+                "view": np.array([r["view"] for r in rows], dtype=np.int8),
+                "source": np.array([r["source"] for r in rows], dtype=object),
+                "split": np.array([r["split"] for r in rows], dtype=object),
+                "pixel_values": out, "error": np.array(errors, dtype=object)}
+
+
+class Embed:
+    """Actor stage: the model loads once; pixel batches in, token/embedding rows out."""
+
+    def __init__(self, ecfg_json: str, write_tokens: bool):
+        import torch
+
+        from ..config import ExtractConfig
+
+        ecfg = ExtractConfig.model_validate_json(ecfg_json)
+        self.device = "cuda" if torch.cuda.is_available() and ecfg.gpus_per_actor > 0 else "cpu"
+        self.backbone, self.model = load_scorer(ecfg, self.device)
+        self.readouts = [] if self.model is not None else list(ecfg.readouts)
+        self.write_tokens = write_tokens and self.model is None
+
+    def __call__(self, batch: dict) -> pa.Table:
+        import torch
+
+        errors = [str(e) for e in batch["error"]]
+        ok = np.array([not e for e in errors])
+        n = len(errors)
+        cols: dict[str, pa.Array] = {
+            "id": pa.array(list(batch["id"]), pa.string()), "view": pa.array(batch["view"], pa.int8()),
+            "source": pa.array(list(batch["source"]), pa.string()),
+            "split": pa.array(list(batch["split"]), pa.string()),
+            "error": pa.array(errors, pa.string())}
+        pix = torch.tensor(np.asarray(batch["pixel_values"])[ok]) if ok.any() else None
+        with torch.no_grad():
+            tokens = self.backbone.tokens(pix) if pix is not None else None
+            embs: dict[str, np.ndarray] = {}
+            if tokens is not None:
+                if self.model is not None:
+                    embs["nearid"] = self.model.embed_tokens(tokens.to(self.model.head.probe.dtype)).float().numpy()
+                else:
+                    ro = self.backbone.readouts(tokens=tokens)
+                    missing = [r for r in self.readouts if r not in ro]
+                    if missing:
+                        raise ValueError(f"readouts {missing} not available for backbone "
+                                         f"{self.backbone.name}; it has {sorted(ro)}")
+                    embs = {r: torch.nn.functional.normalize(ro[r].float(), dim=-1).numpy()
+                            for r in self.readouts}
+
+        def full(arr: np.ndarray) -> np.ndarray:
+            out = np.zeros((n, *arr.shape[1:]), dtype=arr.dtype)
+            out[ok] = arr
+            return out
+
+        names = ["nearid"] if self.model is not None else self.readouts
+        dim = self.backbone.hidden_size
+        for k, name in enumerate(names):
+            arr = full(embs[name]) if tokens is not None else np.zeros((n, dim), np.float32)
+            col = embedding_column(arr)
+            if k == 0:
+                cols["embedding"] = col
+            cols[f"emb_{name}"] = col
+        if self.write_tokens:
+            t = tokens.float().numpy() if tokens is not None else None
+            shape = (self.backbone.num_tokens, dim)
+            cols["tokens"] = tensor_column(full(t) if t is not None else np.zeros((n, *shape), np.float16))
+        return pa.table(cols)
+
+
+def _image_rows(storage, source: str, ids_keys=None, splits=None) -> pa.Table:
+    """Long table (id, view, source, split, image) for one source."""
+    if source == "positive":
+        t = storage.read_table(POSITIVES.name, columns=["id", "view", "split", "image"])
+        t = t.append_column("source", pa.array(["positive"] * t.num_rows, pa.string()))
+    elif source == "mtg":
+        m = storage.read_table(MTG.name, columns=["id", "split", *MTG_VIEWS])
+        parts = []
+        for v, col in enumerate(MTG_VIEWS):
+            parts.append(pa.table({"id": m["id"], "view": pa.array([v] * m.num_rows, pa.int8()),
+                                   "split": m["split"], "image": m[col],
+                                   "source": pa.array(["mtg"] * m.num_rows, pa.string())}))
+        t = pa.concat_tables(parts) if parts else None
+    elif source == "graded":
+        g = storage.read_table(GRADED.name, columns=["id", "method", "reference", "generated"])
+        ids = [f"{i}/{m}" for i, m in zip(g["id"].to_pylist(), g["method"].to_pylist())]
+        parts = [pa.table({"id": pa.array(ids, pa.string()), "view": pa.array([v] * g.num_rows, pa.int8()),
+                           "split": pa.array(["test"] * g.num_rows, pa.string()), "image": g[col],
+                           "source": pa.array(["graded"] * g.num_rows, pa.string())})
+                 for v, col in enumerate(("reference", "generated"))]
+        t = pa.concat_tables(parts)
+    else:
+        t = storage.read_table(DISTRACTORS.name, columns=["id", "view", "split", "image", "status"],
+                               filter=(pc.field("setting") == source) & (pc.field("status") == "ok"))
+        t = t.drop_columns(["status"]).append_column("source", pa.array([source] * t.num_rows, pa.string()))
+    if splits is not None and source not in ("mtg", "graded"):
+        t = t.filter(pc.is_in(t["split"], pa.array(splits)))
+    return t.select(["id", "view", "source", "split", "image"])
+
+
+def available_sources(storage, cfg) -> list[str]:
+    if cfg.extract.sources:
+        return list(cfg.extract.sources)
+    out = ["positive"]
+    if storage.table_exists(DISTRACTORS.name):
+        out += sorted(set(storage.read_table(DISTRACTORS.name, columns=["setting"])["setting"].to_pylist()))
+    out += [s for s, t in (("mtg", MTG.name), ("graded", GRADED.name)) if storage.table_exists(t)]
+    return out
+
+
+def estimate_bytes(n_rows: int, num_tokens: int, dim: int) -> int:
+    return n_rows * num_tokens * dim * 2
+
+
+def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int = 4000,
+                allow_large: bool | None = None) -> dict:
+    e = cfg.extract
+    t0 = time.time()
+    sources = available_sources(storage, cfg)
+    done = storage.keys(out_table, FEATURE_KEY)
+    pending = []
+    for src in sources:
+        t = _image_rows(storage, src, splits=e.splits)
+        keys = list(zip(t["id"].to_pylist(), t["view"].to_pylist(), t["source"].to_pylist()))
+        keep = pa.array([k not in done for k in keys])
+        pending.append((src, t.num_rows, t.filter(keep)))
+    n_todo = sum(t.num_rows for _, _, t in pending)
+    write_tokens = e.write_tokens and not e.model_dir
+    if write_tokens and n_todo:
+        backbone, _ = load_scorer(e) if e.backbone.name not in ("so400m-random",) else (None, None)
+        T, D = (backbone.num_tokens, backbone.hidden_size) if backbone is not None else (729, 1152)
+        est = estimate_bytes(n_todo, T, D)
+        print(f"extract: {n_todo} images x {T} tokens x {D} dims x 2 bytes = {est / 1e9:.3f} GB of tokens")
+        if est > e.max_storage_gb * 1e9 and not (allow_large if allow_large is not None else e.allow_large):
+            raise StorageRefused(f"token cache of {est / 1e9:.1f} GB exceeds extract.max_storage_gb="
+                                 f"{e.max_storage_gb}; pass --set extract.allow_large=true to proceed")
+    counts = {}
+    for src, n_in, table in pending:
+        for chunk in chunks(list(range(table.num_rows)), chunk_rows):
+            sub = table.take(pa.array(chunk))
+            nblocks = max(1, min(e.num_actors * 4, sub.num_rows // max(1, e.batch_size)))
+            ds = ray.data.from_arrow(sub).repartition(nblocks)
+            ds = ds.map_batches(Decode, fn_constructor_args=(e.model_dump_json(),), batch_format="pyarrow",
+                                batch_size=e.batch_size, num_cpus=0.25,
+                                compute=ray.data.ActorPoolStrategy(size=1))
+            ds = ds.map_batches(Embed, fn_constructor_args=(e.model_dump_json(), write_tokens),
+                                batch_format="numpy", batch_size=e.batch_size,
+                                compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+                                num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None)
+            files = write_dataset(ds, storage, out_table, ["source"])
+            _record_rejects(storage, files, src)
+        counts[src] = reconcile(storage, out_table, src, n_in)
+    summary = {"table": out_table, "sources": counts, "seconds": round(time.time() - t0, 2)}
+    storage.mark_done(out_table, summary)
+    return summary
+
+
+def _record_rejects(storage, files: list[str], src: str) -> None:
+    import pyarrow.parquet as pq
+
+    rows = []
+    for f in files:
+        t = pq.read_table(f, filesystem=storage.fs, columns=["id", "view", "error"])
+        for r in t.to_pylist():
+            if r["error"]:
+                rows.append({"stage": "extract", "key": make_key(id=r["id"], view=r["view"], source=src),
+                             "reason": r["error"]})
+    if rows:
+        storage.write_table(REJECTS, pa.Table.from_pylist(rows, schema=REJECTS.schema))
+
+
+def reconcile(storage, table: str, source: str, n_input: int) -> dict:
+    t = storage.read_table(table, columns=["id", "view", "error"], filter=pc.field("source") == source)
+    keys = list(zip(t["id"].to_pylist(), t["view"].to_pylist()))
+    rejected = sum(1 for x in t["error"].to_pylist() if x)
+    counts = {"input": n_input, "ok": len(keys) - rejected, "rejected": rejected,
+              "duplicates": len(keys) - len(set(keys))}
+    if counts["duplicates"] or len(keys) != n_input:
+        raise RuntimeError(f"{table}/source={source}: counts do not reconcile: {counts} "
+                           f"(rows written {len(keys)})")
+    log.info("extract %s: %s", source, counts)
+    return counts
+
+
+def read_features(storage, table: str = "features", columns=None, filter=None) -> pa.Table:
+    """Features of valid rows only (rows with an `error` are recorded in `rejects`)."""
+    t = storage.read_table(table, columns=None if columns is None else list({*columns, "error"}),
+                           filter=filter)
+    t = t.filter(pc.equal(t["error"], ""))
+    return t if columns is None else t.select(columns)

@@ -1,0 +1,232 @@
+"""The storage root: a local folder or an `s3://` URI, and atomic Parquet tables under it.
+
+Layout: `<root>/<table>/[<col>=<val>/]part-<write-id>-<n>.parquet`. A write goes to
+`<root>/<table>/_staging/<write-id>/` first (pyarrow and Ray ignore `_`-prefixed paths) and each
+finished file is then moved into place, so a killed write never leaves a partial file visible.
+A stage that finishes writes `<table>/_SUCCESS.json` with its counts; reruns skip keys already
+present, so a crash between moves is repaired without duplicates.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .schema import TableSpec
+
+_PART_VALUE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class StorageError(RuntimeError):
+    """Storage cannot be reached or used; the message names the endpoint/path and what to check."""
+
+
+def _s3_filesystem(endpoint_url=None, region=None, key=None, secret=None):
+    import s3fs
+
+    kwargs = {}
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint_url:
+        kwargs["endpoint_url"] = endpoint_url
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["client_kwargs"] = {"region_name": region}
+    if key and secret:
+        kwargs["key"], kwargs["secret"] = key, secret
+    # Retry briefly so a dead endpoint fails fast with a clear message instead of hanging.
+    kwargs["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 30,
+                               "retries": {"max_attempts": 2, "mode": "standard"}}
+    return s3fs.S3FileSystem(**kwargs), endpoint_url
+
+
+@dataclass
+class Storage:
+    """A storage root. `fs` is a pyarrow filesystem usable by pyarrow and Ray Data alike."""
+    root: str
+    fs: pafs.FileSystem
+    base: str                 # root path inside `fs` (no scheme)
+    endpoint: str | None = None
+
+    @classmethod
+    def open(cls, root: str, storage_cfg=None) -> "Storage":
+        root = str(root).rstrip("/")
+        if root.startswith("s3://"):
+            cfg = storage_cfg
+            key = cfg.access_key_id.get_secret_value() if cfg and cfg.access_key_id else None
+            secret = cfg.secret_access_key.get_secret_value() if cfg and cfg.secret_access_key else None
+            s3, endpoint = _s3_filesystem(cfg.endpoint_url if cfg else None,
+                                          cfg.region if cfg else None, key, secret)
+            fs = pafs.PyFileSystem(pafs.FSSpecHandler(s3))
+            return cls(root, fs, root[len("s3://"):], endpoint)
+        if "://" in root and not root.startswith("file://"):
+            raise StorageError(f"unsupported storage root '{root}': use a local path or s3://bucket/prefix")
+        path = os.path.abspath(root.removeprefix("file://"))
+        os.makedirs(path, exist_ok=True)
+        return cls(root, pafs.LocalFileSystem(), path)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.root.startswith("s3://")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.base, *[p.strip("/") for p in parts if p]])
+
+    def uri(self, *parts: str) -> str:
+        p = self.path(*parts)
+        return f"s3://{p}" if self.is_s3 else p
+
+    def check(self) -> None:
+        """Fail fast, naming the endpoint, when the root cannot be reached or written."""
+        probe = self.path("_probe", uuid.uuid4().hex)
+        try:
+            self.fs.create_dir(self.path("_probe"), recursive=True)
+            with self.fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            self.fs.delete_file(probe)
+        except Exception as e:  # noqa: BLE001 - turn any transport error into one clear message
+            where = f"endpoint {self.endpoint}" if self.endpoint else "the default AWS endpoint"
+            raise StorageError(
+                f"cannot write to storage root {self.root} ({where}): {type(e).__name__}: {e}. "
+                "Check the endpoint URL, the bucket, and the credentials (AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or storage.* in the config).") from None
+
+    # ---- small files -------------------------------------------------------------------------
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic for one file: write to a staging name, then move into place."""
+        final = self.path(rel)
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        tmp = final.rsplit("/", 1)[0] + f"/_tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, final)
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self.path(rel)) as f:
+            return f.read()
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str):
+        return json.loads(self.read_bytes(rel))
+
+    def delete_dir(self, rel: str) -> None:
+        self._rmtree(self.path(rel))
+
+    def _rmtree(self, path: str) -> None:
+        # object stores have no real folders: a prefix whose files were moved is already gone
+        try:
+            self.fs.delete_dir(path)
+        except FileNotFoundError:
+            pass
+
+    # ---- tables --------------------------------------------------------------------------------
+    def staging_dir(self, table: str) -> tuple[str, str]:
+        """A fresh staging folder for one write: returns (write_id, fs path)."""
+        write_id = uuid.uuid4().hex[:12]
+        path = self.path(table, "_staging", write_id)
+        self.fs.create_dir(path, recursive=True)
+        return write_id, path
+
+    def commit_staging(self, table: str, write_id: str) -> list[str]:
+        """Move every finished file of a staged write into the table; returns the final paths."""
+        stage = self.path(table, "_staging", write_id)
+        infos = self.fs.get_file_info(pafs.FileSelector(stage, recursive=True, allow_not_found=True))
+        moved = []
+        for info in infos:
+            if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
+                continue
+            rel = info.path[len(stage) + 1:]
+            head, _, name = rel.rpartition("/")
+            final = self.path(table, head, f"part-{write_id}-{name}") if head else \
+                self.path(table, f"part-{write_id}-{name}")
+            self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+            self.fs.move(info.path, final)
+            moved.append(final)
+        self._rmtree(stage)
+        return moved
+
+    def write_table(self, spec: TableSpec | str, table: pa.Table,
+                    partition_by: Iterable[str] | None = None) -> list[str]:
+        """Atomically add `table`'s rows to a table, partitioned hive-style."""
+        name = spec if isinstance(spec, str) else spec.name
+        parts = list(partition_by if partition_by is not None else
+                     (() if isinstance(spec, str) else spec.partition_by))
+        write_id, stage = self.staging_dir(name)
+        try:
+            groups = [((), table)]
+            if parts:
+                keys = table.select(parts).to_pylist()
+                uniq = sorted({tuple(k[c] for c in parts) for k in keys})
+                groups = []
+                for vals in uniq:
+                    for c, v in zip(parts, vals):
+                        if v is None or not _PART_VALUE.match(str(v)):
+                            raise ValueError(f"table '{name}': partition column '{c}' has value {v!r}; "
+                                             "use letters, digits, '_', '.', '-'")
+                    mask = None
+                    for c, v in zip(parts, vals):
+                        m = pc.equal(table[c], pa.scalar(v, table.schema.field(c).type))
+                        mask = m if mask is None else pc.and_(mask, m)
+                    groups.append((vals, table.filter(mask).drop_columns(parts)))
+            for i, (vals, sub) in enumerate(groups):
+                sub_dir = "/".join(f"{c}={v}" for c, v in zip(parts, vals))
+                target = f"{stage}/{sub_dir}/{i:05d}.parquet" if sub_dir else f"{stage}/{i:05d}.parquet"
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                pq.write_table(sub, target, filesystem=self.fs)
+        except BaseException:
+            self._rmtree(stage)
+            raise
+        return self.commit_staging(name, write_id)
+
+    def table_exists(self, name: str) -> bool:
+        sel = pafs.FileSelector(self.path(name), recursive=True, allow_not_found=True)
+        return any(i.path.endswith(".parquet") and "/_" not in i.path[len(self.path(name)):]
+                   for i in self.fs.get_file_info(sel))
+
+    def dataset(self, name: str) -> pads.Dataset:
+        return pads.dataset(self.path(name), filesystem=self.fs, format="parquet",
+                            partitioning="hive", ignore_prefixes=["_", "."])
+
+    def read_table(self, spec: TableSpec | str, columns: list[str] | None = None,
+                   filter=None) -> pa.Table:
+        name = spec if isinstance(spec, str) else spec.name
+        if not self.table_exists(name):
+            raise FileNotFoundError(f"table '{name}' not found under {self.uri(name)}")
+        table = self.dataset(name).to_table(columns=columns, filter=filter)
+        # hive partition columns come back dictionary-encoded; the schema says plain strings
+        for i, field in enumerate(table.schema):
+            if pa.types.is_dictionary(field.type):
+                table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+        return table
+
+    def keys(self, name: str, key: Iterable[str]) -> set[tuple]:
+        """The set of keys already present in a table (for resume)."""
+        key = list(key)
+        if not self.table_exists(name):
+            return set()
+        t = self.read_table(name, columns=key)
+        cols = [t.column(k).to_pylist() for k in key]
+        return set(zip(*cols))
+
+    def mark_done(self, name: str, info: dict) -> None:
+        self.write_json(f"{name}/_SUCCESS.json", info)
+
+    def is_done(self, name: str) -> bool:
+        return self.exists(name, "_SUCCESS.json")
+
+    def clear_done(self, name: str) -> None:
+        if self.is_done(name):
+            self.fs.delete_file(self.path(name, "_SUCCESS.json"))

@@ -1,0 +1,50 @@
+import pytest
+
+from nearid.config import ConfigError, config_to_dict, dump_yaml, load_config
+
+
+def test_local_and_paper_configs_load():
+    local = load_config("configs/local.yaml")
+    paper = load_config("configs/paper.yaml")
+    assert local.extract.backbone.name == "tiny-random"
+    assert paper.extract.backbone.name == "google/siglip2-so400m-patch14-384"
+    assert paper.run.root.startswith("s3://")
+    # the paper recipe (REFERENCE.md) is the default of the training config
+    assert (paper.train.lr, paper.train.weight_decay, paper.train.warmup_steps, paper.train.epochs,
+            paper.train.batch_size, paper.train.grad_clip) == (1e-4, 1e-4, 100, 11, 128, 1.0)
+
+
+def test_override_parses_yaml_values():
+    cfg = load_config("configs/local.yaml", ["train.lr=3e-4", "train.loss.name=infonce",
+                                              "generate.splits=[test]"])
+    assert cfg.train.lr == 3e-4 and cfg.train.loss.name == "infonce" and cfg.generate.splits == ["test"]
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["train.lrr=1"], "unknown key 'train.lrr'"),
+    (["train.epochs=abc"], "field 'train.epochs' = 'abc'"),
+    (["train.lr=-1"], "field 'train.lr' = -1"),
+    (["synth.split={train: 1, holdout: 1}"], "unknown split names ['holdout']"),
+    (["nonsense"], "must look like section.field=value"),
+])
+def test_bad_overrides_name_the_field(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/local.yaml", override)
+    assert needle in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config(bad)
+
+
+def test_secrets_never_dumped():
+    cfg = load_config(None, ["storage.secret_access_key=TOPSECRET123", "storage.access_key_id=AKIAXYZ"])
+    text = dump_yaml(cfg)
+    assert "TOPSECRET123" not in text and "AKIAXYZ" not in text
+    assert config_to_dict(cfg)["storage"]["secret_access_key"] == "***"
+    assert cfg.storage.secret_access_key.get_secret_value() == "TOPSECRET123"
