@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from nearid.config import ConfigError, add_config_args, dump_yaml, load_config
@@ -18,6 +19,9 @@ def parse(stage: str, description: str, argv=None, extra=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        if "://" not in cfg.run.root:
+            # workers (Ray Train, actors) run in other folders: pin the local root to this one
+            cfg.run.root = os.path.abspath(cfg.run.root)
         storage = Storage.open(cfg.run.root, cfg.storage)
         storage.check()
     except (ConfigError, StorageError, FileNotFoundError) as e:

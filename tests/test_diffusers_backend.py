@@ -124,6 +124,8 @@ def test_generation_size_rounds_to_latent_multiple():
 def test_auto_kind_and_no_composite():
     backend = build_backend("auto", tiny=True, steps=2, composite=False)
     assert type(backend.pipeline).__name__ == "StableDiffusionInpaintPipeline"
+    described = backend.describe()
+    assert (described["kind"], described["model"], described["steps"], described["dtype"]) == ("auto", "tiny-random", 2, "fp32")
     images, masks = _views(((64, 64),))
     out = backend.inpaint(images, masks, ["a mug"], [0])[0]
     assert out.size == (64, 64)

@@ -213,7 +213,7 @@ class DiffusersInpaintBackend:
 
         path = resolve_model_path(self.model, storage_options, cache_dir)
         kwargs: dict[str, Any] = {
-            "torch_dtype": torch_dtype,
+            "dtype": torch_dtype,
             "local_files_only": hub_offline() or os.path.isdir(path),
         }
         if variant:

@@ -236,32 +236,33 @@ def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int 
         if est > e.max_storage_gb * 1e9 and not (allow_large if allow_large is not None else e.allow_large):
             raise StorageRefused(f"token cache of {est / 1e9:.1f} GB exceeds extract.max_storage_gb="
                                  f"{e.max_storage_gb}; pass --set extract.allow_large=true to proceed")
-    counts = {}
-    for src, n_in, table in pending:
-        for chunk in chunks(list(range(table.num_rows)), chunk_rows):
-            sub = table.take(pa.array(chunk))
-            nblocks = max(1, min(e.num_actors * 4, sub.num_rows // max(1, e.batch_size)))
-            ds = ray.data.from_arrow(sub).repartition(nblocks)
-            ds = ds.map_batches(Decode, fn_constructor_args=(e.model_dump_json(),), batch_format="pyarrow",
-                                batch_size=e.batch_size, num_cpus=0.25,
-                                compute=ray.data.ActorPoolStrategy(size=1))
-            ds = ds.map_batches(Embed, fn_constructor_args=(e.model_dump_json(), write_tokens),
-                                batch_format="numpy", batch_size=e.batch_size,
-                                compute=ray.data.ActorPoolStrategy(size=e.num_actors),
-                                num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None)
-            files = write_dataset(ds, storage, out_table, ["source"])
-            _record_rejects(storage, files, src)
-        counts[src] = reconcile(storage, out_table, src, n_in)
+    # every source in one pipeline per chunk: actor pools start once, not once per source
+    todo = pa.concat_tables([t for _, _, t in pending]) if pending else None
+    for chunk in chunks(list(range(todo.num_rows if todo is not None else 0)), chunk_rows):
+        sub = todo.take(pa.array(chunk))
+        nblocks = max(1, min(e.num_actors * 4, sub.num_rows // max(1, e.batch_size)))
+        ds = ray.data.from_arrow(sub).repartition(nblocks)
+        ds = ds.map_batches(Decode, fn_constructor_args=(e.model_dump_json(),), batch_format="pyarrow",
+                            batch_size=e.batch_size, num_cpus=0.25,
+                            compute=ray.data.ActorPoolStrategy(size=1))
+        ds = ds.map_batches(Embed, fn_constructor_args=(e.model_dump_json(), write_tokens),
+                            batch_format="numpy", batch_size=e.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+                            num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None)
+        files = write_dataset(ds, storage, out_table, ["source"])
+        _record_rejects(storage, files)
+    counts = {src: reconcile(storage, out_table, src, n_in) for src, n_in, _ in pending}
     summary = {"table": out_table, "sources": counts, "seconds": round(time.time() - t0, 2)}
     storage.mark_done(out_table, summary)
     return summary
 
 
-def _record_rejects(storage, files: list[str], src: str) -> None:
+def _record_rejects(storage, files: list[str]) -> None:
     import pyarrow.parquet as pq
 
     rows = []
     for f in files:
+        src = f.rsplit("source=", 1)[1].split("/", 1)[0]
         t = pq.read_table(f, filesystem=storage.fs, columns=["id", "view", "error"])
         for r in t.to_pylist():
             if r["error"]:

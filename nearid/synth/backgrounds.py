@@ -113,7 +113,7 @@ def make_background(rng: np.random.Generator, res: int, kind: str) -> Image.Imag
     if kind not in _MAKERS:
         raise ValueError(f"kind: unknown background kind {kind!r}; known: {KINDS}")
     base = _MAKERS[kind](rng, res)
-    base = base + rng.normal(0.0, 4.0, size=base.shape).astype(np.float32)
+    base = base + 4.0 * rng.standard_normal(size=base.shape, dtype=np.float32)
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     _clutter(rng, img, res)
     return img

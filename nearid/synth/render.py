@@ -143,7 +143,7 @@ def colorize(spec: IdentitySpec, labels: np.ndarray, scale: float,
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def _pose_array(arr: np.ndarray, angle: float, flip: bool) -> np.ndarray:
+def pose_array(arr: np.ndarray, angle: float, flip: bool) -> np.ndarray:
     if flip:
         arr = arr[:, ::-1]
     if angle == 0:
@@ -158,11 +158,11 @@ def render_object(spec: IdentitySpec, scale: float, angle: float = 0.0, flip: bo
     labels = np.asarray(draw_labels(spec, scale))
     edit = region_mask(spec, region, labels) if region is not None else None
     rgb = colorize(spec, labels, scale, edit, region_color)
-    posed_labels = _pose_array(labels, angle, flip)
-    posed_rgb = _pose_array(rgb, angle, flip)
+    posed_labels = pose_array(labels, angle, flip)
+    posed_rgb = pose_array(rgb, angle, flip)
     posed_region = None
     if edit is not None:
-        posed_region = _pose_array(edit.astype(np.uint8), angle, flip) > 0
+        posed_region = pose_array(edit.astype(np.uint8), angle, flip) > 0
     return RenderedObject(posed_rgb, posed_labels, posed_region)
 
 

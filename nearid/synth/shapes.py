@@ -90,7 +90,7 @@ def _bottle(pen: Pen, s: IdentitySpec, has, lab) -> None:
     w, h, t = s.shape
     W = 0.38 * w
     y_bot, y_sh, y_neck, y_top = 0.65 * h, -0.1 * h, -0.42 * h, -0.72 * h
-    top, bot, nw = W * (1 - t), W * (1 + t), max(0.12, 0.32 * W)
+    top, bot, nw = W * (1 - 0.6 * t), W * (1 + 0.6 * t), max(0.1, 0.27 * W)
     if has("handle"):
         pen.ring(nw + 0.13, y_neck + 0.08, 0.17, 0.16, 0.07, lab("handle"))
     pen.trapezoid(y_sh, y_bot, top, bot, BODY)
@@ -191,7 +191,7 @@ def _toy(pen: Pen, s: IdentitySpec, has, lab) -> None:
 
 def _shoe(pen: Pen, s: IdentitySpec, has, lab) -> None:
     w, h, t = s.shape
-    L, U = 0.9 * w, 0.42 * h
+    L, U = 0.75 * w, 0.55 * h
     sole_top, sole_bot = 0.25, 0.38
     toe = sole_top - 0.25 * (1 - t)
     if has("heel"):

@@ -93,6 +93,13 @@ def color_distance(a: str, b: str) -> float:
     return float(np.linalg.norm(np.subtract(PALETTE[a], PALETTE[b])))
 
 
+# For each colour, the colours far enough from it to serve as its pattern colour.
+CONTRASTING: dict[str, tuple[str, ...]] = {
+    a: tuple(b for b in COLORS if b != a and color_distance(a, b) >= MIN_PAIR_DISTANCE)
+    for a in COLORS
+}
+
+
 @dataclass(frozen=True)
 class IdentitySpec:
     """One object identity: every field is a discrete, describable attribute.
@@ -161,8 +168,7 @@ def random_spec(rng: np.random.Generator, categories: tuple[str, ...] = CATEGORI
     category = categories[int(rng.integers(len(categories)))]
     shape = tuple(levels[int(rng.integers(3))] for levels in SHAPE_LEVELS)
     color1 = COLORS[int(rng.integers(len(COLORS)))]
-    contrasting = [c for c in COLORS if c != color1 and color_distance(c, color1) >= MIN_PAIR_DISTANCE]
-    color2 = contrasting[int(rng.integers(len(contrasting)))]
+    color2 = CONTRASTING[color1][int(rng.integers(len(CONTRASTING[color1])))]
     pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
     present = rng.random(len(CATEGORY_PARTS[category])) < 0.5
     parts = tuple(p for p, keep in zip(CATEGORY_PARTS[category], present) if keep)

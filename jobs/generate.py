@@ -1,0 +1,43 @@
+"""Generate near-identity distractors: `python -m jobs.generate --config configs/local.yaml`."""
+from __future__ import annotations
+
+import json
+
+from jobs._common import parse
+from nearid.raytools import init_ray
+from nearid.stages.generate import run_generate, validate_generation
+from nearid.tracking import Tracker
+
+
+def _extra(p):
+    p.add_argument("--settings", nargs="*", default=None, help="only these settings")
+    p.add_argument("--chunk-rows", type=int, default=2000, help="rows per committed chunk (resume unit)")
+
+
+def main(argv=None) -> dict:
+    args, cfg, storage = parse("generate", __doc__, argv, _extra)
+    ray = init_ray(cfg)
+    summary = run_generate(cfg, storage, ray, args.settings, args.chunk_rows)
+    settings = [s for s in summary if s != "seconds"]
+    check = validate_generation(storage, settings, cfg.generate.mask_dilation, cfg.generate.validate_sample)
+    summary["validation"] = check["metrics"]
+    tracker = Tracker.from_config(cfg, storage)
+    with tracker.run(f"{cfg.run.name}-generate", tags={"stage": "generate", "data": storage.root}):
+        tracker.log_params({f"generate.{k}": v for k, v in cfg.generate.model_dump(mode="json").items()})
+        for s, m in check["metrics"].items():
+            tracker.log_metrics({f"{s}.{k}": v for k, v in m.items()})
+        for s, c in summary.items():
+            if isinstance(c, dict) and "ok" in c:
+                tracker.log_metrics({f"{s}.rows_ok": c["ok"], f"{s}.rows_rejected": c["rejected"]})
+        from nearid.report import example_grid
+
+        fig = example_grid(check["examples"])
+        if fig is not None:
+            tracker.log_figure(fig, "plots/distractor_examples.png")
+    storage.write_json("distractors/_SUCCESS.json", summary)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Prompts for near-identity distractors: a look-alike of the positive's object.
+
+A description the synthetic grammar can read (e.g. "a red mug with blue stripes, ...") gets 1-2
+attributes swapped for alternatives from a per-category vocabulary and is re-described, so the
+inpainted object is a controlled look-alike. Free text (real data) cannot be edited reliably, so
+it falls back to asking for "a different {category} that looks similar to: {description}".
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from nearid.synth.grammar import PHOTO_PREFIX, describe, parse
+from nearid.synth.variation import perturb
+
+FALLBACK_TEMPLATE = "a different {category} that looks similar to: {description}"
+
+
+def near_identity_prompt(category: str, description: str, *, seed: int, n_changes: int = 1,
+                         vocab: Mapping | None = None, template: str = "{description}",
+                         fallback_template: str = FALLBACK_TEMPLATE, closeness: float = 1.0) -> str:
+    """Deterministic (per seed) prompt for a look-alike of `description`.
+
+    vocab: {category: {"colors"|"patterns"|"parts": [tokens]}} restricts which alternatives a
+    swap may pick (tokens must be grammar tokens; unknown ones raise ValueError). `template`
+    wraps the result ("{description}", optionally "{category}"), e.g. "a photo of {description}".
+    A parsed description keeps its own category; `category` is used only by the fallback.
+    """
+    if n_changes not in (1, 2):
+        raise ValueError(f"n_changes: expected 1 or 2, got {n_changes!r}")
+    text = description.strip()
+    try:
+        spec = parse(text)
+    except ValueError:
+        inner = fallback_template.format(category=category, description=_strip_prefix(text))
+        return template.format(description=inner, category=category)
+    variant = perturb(spec, int(seed), n_changes=n_changes, closeness=closeness, vocab=vocab)
+    return template.format(description=describe(variant), category=spec.category)
+
+
+def _strip_prefix(text: str) -> str:
+    return text[len(PHOTO_PREFIX):] if text.lower().startswith(PHOTO_PREFIX) else text

@@ -1,0 +1,130 @@
+"""Tables and plots for reports: Table-1-style comparisons and the figures logged to MLflow."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+TABLE_COLUMNS = [("nearid_ssr", "NearID SSR"), ("nearid_pa", "NearID PA"),
+                 ("nearid_pa_pure", "PA pure"), ("mtg_m_o", "MTG M-O"),
+                 ("mtg_m_o_pair", "MTG M-Opair"), ("mtg_ssr", "MTG SSR"), ("mtg_pa", "MTG PA"),
+                 ("db_m_h", "DB++ M-H")]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def results_table(rows: list[dict]) -> pd.DataFrame:
+    """rows: {"scorer": name, "nearid_ssr": .., ...} -> a Table-1-style frame (scorer index)."""
+    df = pd.DataFrame(rows).set_index("scorer")
+    cols = [c for c, _ in TABLE_COLUMNS if c in df.columns]
+    extra = [c for c in df.columns if c not in cols]
+    df = df[cols + extra]
+    return df.rename(columns=dict(TABLE_COLUMNS))
+
+
+def to_markdown(df: pd.DataFrame, floatfmt: dict | None = None) -> str:
+    def fmt(col, v):
+        if isinstance(v, (float, np.floating)):
+            if np.isnan(v):
+                return "-"
+            return f"{v:.3f}" if ("M-" in col or "M-H" in col) else f"{v:.2f}"
+        return str(v)
+
+    head = "| " + " | ".join([df.index.name or ""] + list(df.columns)) + " |"
+    sep = "|" + "---|" * (len(df.columns) + 1)
+    body = ["| " + " | ".join([str(i)] + [fmt(c, r[c]) for c in df.columns]) + " |"
+            for i, r in df.iterrows()]
+    return "\n".join([head, sep, *body])
+
+
+def to_latex(df: pd.DataFrame) -> str:
+    lines = ["\\begin{tabular}{l" + "r" * len(df.columns) + "}", "\\toprule",
+             " & ".join(["Scorer"] + [c.replace("_", "\\_") for c in df.columns]) + " \\\\", "\\midrule"]
+    for i, r in df.iterrows():
+        vals = ["-" if isinstance(v, float) and np.isnan(v) else
+                (f"{v:.3f}" if "M-" in c else f"{v:.2f}") if isinstance(v, (float, np.floating)) else str(v)
+                for c, v in r.items()]
+        lines.append(" & ".join([str(i).replace("_", "\\_")] + vals) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines)
+
+
+def margin_histograms(margins_by_scorer: dict[str, pd.DataFrame]):
+    """margins_by_scorer: scorer -> frame (setting, margin). One panel per setting."""
+    plt = _plt()
+    settings = sorted({s for df in margins_by_scorer.values() for s in df["setting"].unique()})
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 2.8), squeeze=False)
+    for ax, s in zip(axes[0], settings):
+        for name, df in margins_by_scorer.items():
+            m = df.loc[df["setting"] == s, "margin"].dropna()
+            ax.hist(m, bins=40, alpha=0.55, label=name)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(f"margin: {s}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def tier_distributions(tiers_by_scorer: dict[str, dict[str, np.ndarray]]):
+    """Three-tier similarity distributions: same identity / distractor / random negative."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(tiers_by_scorer), figsize=(3.6 * len(tiers_by_scorer), 2.8),
+                             squeeze=False)
+    for ax, (name, tiers) in zip(axes[0], tiers_by_scorer.items()):
+        for tier, vals in tiers.items():
+            ax.hist(vals, bins=40, alpha=0.55, label=tier, density=True)
+        ax.set_title(name)
+        ax.set_xlabel("cosine")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def ssr_bars(per_setting: pd.DataFrame):
+    """per_setting: index setting, one column per scorer (SSR)."""
+    plt = _plt()
+    ax = per_setting.plot.bar(figsize=(1.2 * len(per_setting) + 3, 3))
+    ax.set_ylabel("SSR (%)")
+    ax.set_ylim(0, 100)
+    fig = ax.get_figure()
+    fig.tight_layout()
+    return fig
+
+
+def example_grid(examples: list[tuple], titles=("view", "distractor", "mask")):
+    """examples: (label, img_a, img_b, img_c) tuples of PIL images -> a grid figure."""
+    if not examples:
+        return None
+    plt = _plt()
+    n = len(examples)
+    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    for r, (label, *imgs) in enumerate(examples):
+        for c, im in enumerate(imgs[:3]):
+            ax = axes[r][c]
+            ax.imshow(np.asarray(im), cmap="gray" if getattr(im, "mode", "") == "L" else None)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(titles[c], fontsize=8)
+        axes[r][0].set_ylabel(str(label), fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def closeness_plot(df: pd.DataFrame):
+    """df columns: closeness, scorer, ssr, pa -> SSR and PA vs distractor closeness."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
+    for name, g in df.groupby("scorer"):
+        g = g.sort_values("closeness")
+        a.plot(g["closeness"], g["ssr"], marker="o", label=name)
+        b.plot(g["closeness"], g["pa"], marker="o", label=name)
+    a.set_xlabel("distractor closeness"), a.set_ylabel("SSR (%)"), a.legend(fontsize=7)
+    b.set_xlabel("distractor closeness"), b.set_ylabel("PA (%)")
+    fig.tight_layout()
+    return fig

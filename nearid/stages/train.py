@@ -1,0 +1,237 @@
+"""Stage `train`: group features into identity items (Ray Data), then train the MAP head with
+Ray Train's TorchTrainer (DDP), checkpointing HF-style model dirs, tracked in one MLflow run."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import config_to_dict, flatten
+from ..raytools import write_dataset
+from ..training.items import group_items, item_sources, mtg_as_rows
+
+log = logging.getLogger("nearid.train")
+FEATURE_COLS = ["id", "view", "source", "split"]
+
+
+def train_settings(cfg, storage) -> list[str]:
+    """Training settings: the configured list, else every generated setting not held apart."""
+    if cfg.train.settings:
+        return list(cfg.train.settings)
+    from .extract import available_sources
+
+    held = set(cfg.generate.held_apart) | set(cfg.eval.held_apart)
+    return [s for s in available_sources(storage, cfg)
+            if s not in ("positive", "mtg", "graded") and s not in held]
+
+
+class _ToItemRows:
+    """Keep one split's rows of the wanted sources; MTG rows move into the item layout."""
+
+    def __init__(self, split: str, sources: list[str], payload: str):
+        self.split, self.sources, self.payload = split, set(sources), payload
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        if "error" in t.column_names:
+            t = t.filter(pc.equal(t["error"], ""))
+        t = t.filter(pc.equal(t["split"], self.split))
+        if t.num_rows == 0:
+            return t.select([*FEATURE_COLS, self.payload])
+        is_mtg = pc.equal(t["source"], "mtg")
+        mtg = t.filter(is_mtg)
+        rest = t.filter(pc.invert(is_mtg))
+        rest = rest.filter(pc.is_in(rest["source"], pa.array(sorted(self.sources))))
+        parts = [rest.select([*FEATURE_COLS, self.payload])]
+        if mtg.num_rows:
+            parts.append(mtg_as_rows(mtg.select([*FEATURE_COLS, self.payload])))
+        out = pa.concat_tables(parts)
+        if self.payload == "tokens":
+            # Ray's hash shuffle cannot build empty tensor-extension columns: flatten to a plain
+            # fixed-size list for the shuffle; group_items restores the [T, D] shape.
+            col = out["tokens"].combine_chunks()
+            flat = col.storage if isinstance(col, pa.ExtensionArray) else col
+            n = int(np.prod(col.type.shape)) if isinstance(col, pa.ExtensionArray) else flat.type.list_size
+            out = out.set_column(out.schema.get_field_index("tokens"), "tokens",
+                                 pa.FixedSizeListArray.from_arrays(flat.flatten(), n))
+        return out
+
+
+def _grouper(sources: list[str], payload: str, token_shape, mtg_repeat: int):
+    # map_groups wants a plain function (it reads __name__)
+    def group_one_identity(t: pa.Table) -> pa.Table:
+        items = group_items(t, sources, payload, token_shape)
+        if mtg_repeat > 1 and items.num_rows and str(items["id"][0]).startswith("mtg:"):
+            # MTG is mixed in `mtg_repeat` times per epoch; each copy draws its own slots
+            copies = [items] + [items.set_column(0, "id", pc.binary_join_element_wise(
+                items["id"], pa.scalar(f"#{r}"), "")) for r in range(1, mtg_repeat)]
+            items = pa.concat_tables(copies)
+        return items
+    return group_one_identity
+
+
+def _image_features(storage, cfg) -> pa.Table:
+    """Backbone-in-the-loop mode: the same long table as features, with image bytes."""
+    from .extract import _image_rows, available_sources
+
+    parts = [_image_rows(storage, s) for s in available_sources(storage, cfg) if s != "graded"]
+    t = pa.concat_tables(parts)
+    return t.append_column("error", pa.array([""] * t.num_rows, pa.string()))
+
+
+def build_items(ray, cfg, storage, split: str, settings: list[str], mtg_repeat: int) -> tuple[str, int]:
+    """Write `items_<split>` (one row per identity) unless it exists; returns (table, rows)."""
+    payload = "tokens" if cfg.train.input_mode == "tokens" else "images"
+    name = f"items_{payload}_{split}"
+    sources = item_sources(settings)
+    sig = {"sources": sources, "mtg_repeat": mtg_repeat}
+    if storage.is_done(name) and storage.read_json(f"{name}/_SUCCESS.json").get("sig") == sig:
+        return name, storage.read_json(f"{name}/_SUCCESS.json")["rows"]
+    storage.delete_dir(name)
+    wanted = list(sources) if mtg_repeat else [s for s in sources if s != "mtg"]
+    if payload == "tokens":
+        ds = ray.data.read_parquet(storage.uri("features"), filesystem=storage.fs,
+                                   columns=[*FEATURE_COLS, "tokens", "error"])
+    else:
+        ds = ray.data.from_arrow(_image_features(storage, cfg))
+    ds = ds.map_batches(_ToItemRows(split, wanted, payload), batch_format="pyarrow", num_cpus=0.25)
+    token_shape = None
+    if payload == "tokens":
+        ttype = storage.dataset("features").schema.field("tokens").type
+        token_shape = tuple(ttype.shape)
+    n_parts = max(2, min(64, cfg.train.num_workers * 2))
+    ds = ds.groupby("id", num_partitions=n_parts).map_groups(
+        _grouper(sources, payload, token_shape, mtg_repeat), batch_format="pyarrow", num_cpus=0.25)
+    write_dataset(ds, storage, name)
+    rows = storage.read_table(name, columns=["id"]).num_rows
+    storage.mark_done(name, {"rows": rows, "sig": sig})
+    return name, rows
+
+
+def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
+              extra_loop_config: dict | None = None) -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..training.loop import train_loop
+
+    tc = cfg.train
+    t0 = time.time()
+    settings = train_settings(cfg, storage)
+    if not settings:
+        raise ValueError("no training settings: generate distractors first or set train.settings")
+    items, n_total = build_items(ray, cfg, storage, "train", settings, tc.mtg_repeat)
+    val_items, _ = build_items(ray, cfg, storage, "val", settings, 0)
+    ids = storage.read_table(items, columns=["id"])["id"]
+    n_mtg = int(pc.sum(pc.starts_with(ids, "mtg:")).as_py() or 0)
+    n_items = n_total - n_mtg
+    ds = ray.data.read_parquet(storage.uri(items), filesystem=storage.fs)
+    run_name = run_name or f"{cfg.run.name}-train"
+    run_id = None
+    if tracker is not None:
+        run_id = tracker.start(run_name, tags={"stage": "train", "backbone": cfg.extract.backbone.name,
+                                               "data": storage.root, "git_commit": _git()})
+        tracker.log_params(flatten(config_to_dict(cfg)))
+        tracker.log_params({"train.settings_resolved": ",".join(settings), "train.items": n_items,
+                            "train.mtg_items": n_mtg})
+    loop_config = {"cfg": cfg.model_dump_json(), "settings": settings, "items": items,
+                   "val_items": val_items, "n_items": n_total, "run_id": run_id, "context": "train",
+                   "tracking_uri": tracker.uri if tracker is not None else None,
+                   **(extra_loop_config or {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage.uri("train_runs"), storage_filesystem=storage.fs,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_top_k,
+                                               checkpoint_score_attribute="val_ssr",
+                                               checkpoint_score_order="max")),
+        datasets={"train": ds},
+        torch_config=None,
+    )
+    result = trainer.fit()
+    best = _best_checkpoint(result)
+    model_dir = storage.uri("models", run_name)
+    _publish_model(best, storage, f"models/{run_name}")
+    summary = {"run_name": run_name, "items": n_items, "mtg_items": n_mtg, "settings": settings,
+               "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+               "model_dir": model_dir, "seconds": round(time.time() - t0, 2)}
+    if tracker is not None:
+        tracker.log_metrics({"train_wall_seconds": summary["seconds"]})
+        local = _local_copy(storage, f"models/{run_name}")
+        tracker.log_artifact(local, "model")
+        _log_curves(tracker, run_id)
+        tracker.end("FINISHED")
+    storage.write_json(f"models/{run_name}/train_summary.json", summary)
+    return summary
+
+
+def _best_checkpoint(result):
+    """The top checkpoint by val_ssr (Train keeps the top-k), else the latest one."""
+    pairs = [(c, m) for c, m in (getattr(result, "best_checkpoints", None) or [])
+             if m.get("val_ssr") is not None]
+    if pairs:
+        return max(pairs, key=lambda cm: cm[1]["val_ssr"])[0]
+    if result.checkpoint is None:
+        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
+    return result.checkpoint
+
+
+def _publish_model(ckpt, storage, rel: str) -> None:
+    """Copy the model files of a checkpoint into `models/<run>` (config, weights, card)."""
+    with ckpt.as_directory() as d:
+        for name in ("config.json", "model.safetensors", "README.md"):
+            storage.write_bytes(f"{rel}/{name}", Path(d, name).read_bytes())
+
+
+def _local_copy(storage, rel: str) -> str:
+    if not storage.is_s3:
+        return storage.path(rel)
+    import tempfile
+
+    out = tempfile.mkdtemp(prefix="nearid-model-")
+    for name in ("config.json", "model.safetensors", "README.md"):
+        Path(out, name).write_bytes(storage.read_bytes(f"{rel}/{name}"))
+    return out
+
+
+def _log_curves(tracker, run_id) -> None:
+    """Loss and val SSR curves as one figure artifact."""
+    if run_id is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def hist(key):
+        try:
+            h = tracker.client.get_metric_history(run_id, key)
+        except Exception:  # noqa: BLE001
+            return [], []
+        return [m.step for m in h], [m.value for m in h]
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
+    a.plot(*hist("loss"), label="total")
+    a.plot(*hist("loss_discrimination"), label="discrimination")
+    a.plot(*hist("loss_ranking"), label="ranking")
+    a.set_xlabel("step"), a.set_title("training loss"), a.legend()
+    b.plot(*hist("val_ssr"), marker="o", label="SSR")
+    b.plot(*hist("val_pa"), marker="s", label="PA")
+    b.set_xlabel("step"), b.set_title("validation (%)"), b.legend()
+    fig.tight_layout()
+    tracker.log_figure(fig, "plots/training_curves.png")
+    plt.close(fig)
+
+
+def _git() -> str:
+    from ..tracking import git_commit
+
+    return git_commit()
+

@@ -1,0 +1,130 @@
+"""Training items: one row per identity holding every view of every source, and the per-epoch
+draw of anchor / positives / distractors from it (REFERENCE.md "Training recipe").
+
+Slot layout of an item: index = source_index * V + view, sources = ["positive", *settings, "mtg"].
+An identity's distractor for view k sits in view k's background, so distractor slot k is
+`source * V + k` for a source drawn uniformly among those that have view k. MTG part-edit
+samples use the same layout: views 0/1 = the two originals, source "mtg" = their part edits.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+N_VIEWS = 3
+
+
+def item_sources(settings: list[str]) -> list[str]:
+    return ["positive", *settings, "mtg"]
+
+
+def item_seed(seed: int, epoch: int, id_: str) -> int:
+    h = hashlib.blake2b(f"{seed}/{epoch}/{id_}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+def draw_slots(valid: np.ndarray, rng: np.random.Generator, n_pos: int, n_neg: int):
+    """valid [S*V] bool for one item -> (anchor, pos[P], pos_mask[P], neg[K], neg_mask[K]).
+
+    The anchor view is drawn among valid positive views; the positives are the other valid
+    views; distractor slot k holds view k's distractor from a uniformly drawn source."""
+    n_src = valid.shape[0] // N_VIEWS
+    grid = valid.reshape(n_src, N_VIEWS)
+    views = np.flatnonzero(grid[0])
+    if views.size == 0:
+        raise ValueError("item has no valid positive view")
+    anchor = int(rng.choice(views))
+    others = [int(v) for v in views if v != anchor]
+    pos = np.zeros(n_pos, np.int64)
+    pos_mask = np.zeros(n_pos, bool)
+    for q, v in enumerate(others[:n_pos]):
+        pos[q], pos_mask[q] = v, True
+    neg = np.zeros(n_neg, np.int64)
+    neg_mask = np.zeros(n_neg, bool)
+    for k in range(min(n_neg, N_VIEWS)):
+        cands = np.flatnonzero(grid[1:, k]) + 1
+        if cands.size:
+            neg[k], neg_mask[k] = int(rng.choice(cands)) * N_VIEWS + k, True
+    return anchor, pos, pos_mask, neg, neg_mask
+
+
+def draw_batch(ids, valid: np.ndarray, seed: int, epoch: int, n_pos: int, n_neg: int):
+    """Vector of draws for a batch; deterministic per (seed, epoch, id) whatever the batching."""
+    out = [draw_slots(v, np.random.default_rng(item_seed(seed, epoch, str(i))), n_pos, n_neg)
+           for i, v in zip(ids, valid)]
+    anchor = np.array([o[0] for o in out], np.int64)
+    return (anchor, np.stack([o[1] for o in out]), np.stack([o[2] for o in out]),
+            np.stack([o[3] for o in out]), np.stack([o[4] for o in out]))
+
+
+def group_items(rows: pa.Table, sources: list[str], payload: str = "tokens",
+                token_shape: tuple[int, int] | None = None) -> pa.Table:
+    """Rows of one or more identities (id, view, source, split, <payload>) -> one item per id.
+
+    Used inside Ray Data's groupby().map_groups and directly in tests; rows whose source is not
+    in `sources` are dropped (e.g. held-apart settings)."""
+    src_index = {s: i for i, s in enumerate(sources)}
+    n_slots = len(sources) * N_VIEWS
+    ids = rows["id"].to_pylist()
+    uniq = sorted(set(ids))
+    pos_of = {i: k for k, i in enumerate(uniq)}
+    split = {}
+    for i, s in zip(ids, rows["split"].to_pylist()):
+        split.setdefault(i, s)
+    valid = np.zeros((len(uniq), n_slots), np.int8)
+    slot_of_row = []
+    for i, v, s in zip(ids, rows["view"].to_pylist(), rows["source"].to_pylist()):
+        if s in src_index and 0 <= v < N_VIEWS:
+            slot = src_index[s] * N_VIEWS + v
+            valid[pos_of[i], slot] = 1
+            slot_of_row.append((pos_of[i], slot))
+        else:
+            slot_of_row.append(None)
+    cols = {"id": pa.array(uniq, pa.string()), "split": pa.array([split[i] for i in uniq], pa.string()),
+            "valid": pa.FixedSizeListArray.from_arrays(pa.array(valid.reshape(-1)), n_slots)}
+    if payload == "tokens":
+        from ..schema import column_to_numpy
+
+        tok = column_to_numpy(rows["tokens"])
+        if token_shape is not None:
+            tok = tok.reshape(-1, *token_shape)
+        out = np.zeros((len(uniq), n_slots, *tok.shape[1:]), np.float16)
+        for r, loc in enumerate(slot_of_row):
+            if loc is not None:
+                out[loc] = tok[r]
+        # a plain fixed-size list (not a tensor extension type): Ray's shuffle and batching handle
+        # it everywhere; `unpack_tokens` restores [n, slots, T, D]
+        cols["tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)),
+                                                           int(np.prod(out.shape[1:])))
+    else:
+        imgs = [[b""] * n_slots for _ in uniq]
+        data = rows["image"].to_pylist()
+        for r, loc in enumerate(slot_of_row):
+            if loc is not None:
+                imgs[loc[0]][loc[1]] = data[r]
+        cols["images"] = pa.array(imgs, pa.list_(pa.binary()))
+    return pa.table(cols)
+
+
+def mtg_as_rows(mtg_features: pa.Table) -> pa.Table:
+    """MTG features (views 0..3 = image_1, image_2, image_1p, image_2p) in the item layout:
+    originals as positive views 0/1, part edits as source "mtg" views 0/1."""
+    view = mtg_features["view"].to_numpy().astype(np.int8)
+    source = np.where(view >= 2, "mtg", "positive")
+    new_view = np.where(view >= 2, view - 2, view).astype(np.int8)
+    ids = pc.binary_join_element_wise("mtg:", mtg_features["id"], "")
+    t = mtg_features.set_column(mtg_features.schema.get_field_index("view"), "view", pa.array(new_view))
+    t = t.set_column(t.schema.get_field_index("source"), "source", pa.array(source, pa.string()))
+    return t.set_column(t.schema.get_field_index("id"), "id", ids)
+
+
+def unpack_tokens(col, n_slots: int) -> np.ndarray:
+    """Items' flat `tokens` column -> [n, slots, T, D] (T*D inferred, D from the config)."""
+    from ..schema import column_to_numpy
+
+    flat = column_to_numpy(col)
+    return flat.reshape(flat.shape[0], n_slots, -1)

@@ -1,0 +1,330 @@
+"""The training loop: one function used by Ray Train workers (DDP), Tune trials and tests.
+
+`train_loop(config)` reads its context: inside a Ray Train worker it takes its data shard from
+`ray.train.get_dataset_shard("train")` and reports to Ray Train; inside a Tune trial it streams
+the items table itself and reports to Tune; with neither it runs in-process (tests).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import Config
+from ..schema import column_to_numpy
+from .items import draw_batch, item_sources
+from .state import load_training_state, save_training_state
+from .validate import embed_items, item_sims, score_sims
+
+log = logging.getLogger("nearid.train")
+
+
+class Context:
+    """Where the loop runs: 'train' (Ray Train worker), 'tune' (Tune trial) or 'local'."""
+
+    def __init__(self, kind: str, out_dir: str | None = None):
+        self.kind, self.out_dir, self.reports = kind, out_dir, []
+        if kind == "train":
+            import ray.train
+
+            ctx = ray.train.get_context()
+            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        else:
+            self.rank, self.world = 0, 1
+
+    def checkpoint(self):
+        if self.kind == "train":
+            import ray.train
+
+            return ray.train.get_checkpoint()
+        if self.kind == "tune":
+            import ray.tune
+
+            return ray.tune.get_checkpoint()
+        return None
+
+    def report(self, metrics: dict, ckpt_dir: str | None) -> None:
+        if self.kind == "local":
+            self.reports.append(dict(metrics))
+            return
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        if self.kind == "train":
+            import ray.train
+
+            ray.train.report(metrics, checkpoint=ckpt)
+        else:
+            import ray.tune
+
+            ray.tune.report(metrics, checkpoint=ckpt)
+
+
+def _open_storage(cfg: Config):
+    from ..storage import Storage
+
+    return Storage.open(cfg.run.root, cfg.storage)
+
+
+def load_items(storage, table: str, payload: str, dim: int):
+    t = storage.read_table(table)
+    d = _to_numpy(t, payload, dim)
+    return list(d["id"]), d["valid"].astype(bool), d[payload]
+
+
+def _local_batches(storage, table: str, payload: str, batch: int, seed: int, epoch: int, dim: int):
+    """Stream the items table with pyarrow (Tune trials and tests), shuffled per epoch."""
+    ds = storage.dataset(table)
+    frags = list(ds.get_fragments())
+    rng = np.random.default_rng(seed * 1000 + epoch)
+    rng.shuffle(frags)
+    buf: list[dict] = []
+    for frag in frags:
+        t = frag.to_table()
+        order = rng.permutation(t.num_rows)
+        t = t.take(order)
+        for s in range(0, t.num_rows, batch):
+            sub = t.slice(s, batch)
+            if sub.num_rows < batch:
+                buf.append(sub)
+                continue
+            yield _to_numpy(sub, payload, dim)
+    if buf:
+        import pyarrow as pa
+
+        rest = pa.concat_tables(buf)
+        for s in range(0, rest.num_rows - batch + 1, batch):
+            yield _to_numpy(rest.slice(s, batch), payload, dim)
+
+
+def _to_numpy(t, payload: str, dim: int) -> dict:
+    valid = column_to_numpy(t["valid"])
+    d = {"id": np.array(t["id"].to_pylist(), dtype=object), "valid": valid}
+    if payload == "tokens":
+        flat = column_to_numpy(t["tokens"])
+        d["tokens"] = flat.reshape(flat.shape[0], valid.shape[1], -1, dim)
+    else:
+        d["images"] = t["images"].to_pylist()
+    return d
+
+
+class TokenSource:
+    """Turns a batch into token tensors: cached tokens as they are, or images through the frozen
+    backbone (backbone-in-the-loop mode). One code path for both input modes."""
+
+    def __init__(self, mode: str, backbone, device):
+        self.mode, self.backbone, self.device = mode, backbone, device
+
+    def __call__(self, batch: dict, index: np.ndarray) -> torch.Tensor:
+        """index [b, m] of slots -> tokens [b, m, T, D]."""
+        b, m = index.shape
+        if self.mode == "tokens":
+            tok = np.asarray(batch["tokens"])
+            sel = tok[np.arange(b)[:, None], index]
+            return torch.tensor(sel, dtype=torch.float32, device=self.device)
+        from ..images import decode_image
+
+        imgs = batch["images"]
+        flat, blank = [], []
+        for r in range(b):
+            for s in index[r]:
+                data = imgs[r][s]
+                blank.append(not data)
+                flat.append(decode_image(data) if data else None)
+        size = self.backbone.image_size
+        from PIL import Image
+
+        flat = [im if im is not None else Image.new("RGB", (size, size)) for im in flat]
+        pix = self.backbone.preprocess(flat)
+        tokens = self.backbone.tokens(pix).float()
+        return tokens.reshape(b, m, *tokens.shape[1:]).to(self.device)
+
+
+def _validate(head, storage, cfg: Config, val_table: str, sources, settings, token_source) -> dict:
+    if not storage.table_exists(val_table):
+        return {}
+    payload = "tokens" if cfg.train.input_mode == "tokens" else "images"
+    ids, valid, data = load_items(storage, val_table, payload, head.hidden_size)
+    keep = [not str(i).startswith("mtg:") for i in ids]
+    ids = [i for i, k in zip(ids, keep) if k]
+    valid, data = valid[keep], (data[keep] if payload == "tokens" else [d for d, k in zip(data, keep) if k])
+    was = head.training
+    head.eval()
+    if payload == "tokens":
+        emb = embed_items(head, torch.tensor(data))
+    else:
+        idx = np.tile(np.arange(valid.shape[1]), (len(ids), 1))
+        with torch.no_grad():
+            tok = token_source({"images": data}, idx)
+        emb = embed_items(head, tok)
+    head.train(was)
+    return score_sims(item_sims(ids, emb, valid, sources, settings))
+
+
+def train_loop(config: dict) -> dict:
+    """config: {"cfg": Config json, "settings": [...], "items": table, "val_items": table,
+    "n_items": int, "run_id": mlflow run or None, "context": "train"|"tune"|"local",
+    "out_dir": for local runs, "fault_kill_step": int|None, "fault_marker": path}."""
+    from ..losses import build_loss
+    from ..model import NearIDModel
+    from ..stages.extract import backbone_kwargs
+
+    cfg = Config.model_validate_json(config["cfg"])
+    tc = cfg.train
+    ctx = Context(config.get("context", "local"), config.get("out_dir"))
+    torch.manual_seed(tc.seed)
+    storage = _open_storage(cfg)
+    settings = list(config["settings"])
+    sources = item_sources(settings)
+    payload = "tokens" if tc.input_mode == "tokens" else "images"
+    use_cuda = tc.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
+    if not use_cuda:
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+
+    model = NearIDModel.from_backbone(cfg.extract.backbone.name, **backbone_kwargs(cfg.extract.backbone))
+    head = model.head.to(device)
+    if payload == "images":
+        model.backbone.to(device)
+    ddp_head = head
+    if ctx.kind == "train" and ctx.world > 1:
+        import ray.train.torch as rtt
+
+        ddp_head = rtt.prepare_model(head, move_to_device=False)
+    loss_fn = build_loss(tc.loss.name, **tc.loss.params)
+    opt = torch.optim.AdamW(head.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    per_worker = max(2, tc.batch_size // ctx.world)
+    steps_per_epoch = max(1, config["n_items"] // (per_worker * ctx.world))
+    total_steps = steps_per_epoch * tc.epochs
+    from transformers import get_cosine_schedule_with_warmup
+
+    sched = get_cosine_schedule_with_warmup(opt, min(tc.warmup_steps, total_steps // 2), total_steps)
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.precision) if use_cuda else None
+    if use_cuda and tc.precision == "auto":
+        amp_dtype = torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    token_source = TokenSource(tc.input_mode, model.backbone, device)
+
+    progress = {"epoch": 0, "step": 0, "best_val_ssr": -1.0}
+    ckpt = ctx.checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            from safetensors.torch import load_file
+
+            w = load_file(str(Path(d) / "model.safetensors"))
+            head.load_state_dict({k.removeprefix("head."): v for k, v in w.items() if k.startswith("head.")})
+            progress = load_training_state(d, opt, sched, scaler)
+        log.info("resumed from checkpoint at epoch %s step %s", progress["epoch"], progress["step"])
+
+    tracker = None
+    if ctx.rank == 0 and config.get("run_id"):
+        from ..tracking import Tracker
+
+        tracker = Tracker(config.get("tracking_uri"), cfg.tracking.experiment, cfg.tracking.enabled,
+                          cfg.tracking.retries)
+        tracker.attach(config["run_id"])
+
+    val_every = tc.val_every_steps or steps_per_epoch
+    ckpt_every = tc.checkpoint_every_steps or steps_per_epoch
+    last: dict = {}
+    step = progress["step"]
+    t_start = time.time()
+    for epoch in range(progress["epoch"], tc.epochs):
+        if ctx.kind == "train":
+            import ray.train
+
+            it = (_to_numpy(b, payload, head.hidden_size)
+                  for b in ray.train.get_dataset_shard("train").iter_batches(
+                      batch_size=per_worker, batch_format="pyarrow", drop_last=True,
+                      local_shuffle_buffer_size=max(per_worker * 4, 64),
+                      local_shuffle_seed=tc.seed + epoch))
+        else:
+            it = _local_batches(storage, config["items"], payload, per_worker, tc.seed, epoch,
+                                head.hidden_size)
+        skip = step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already seen
+        for b_idx, batch in enumerate(it):
+            if b_idx >= steps_per_epoch:
+                break
+            if b_idx < skip:
+                continue
+            valid = np.asarray(batch["valid"]).astype(bool)
+            anchor, pos, pos_mask, neg, neg_mask = draw_batch(
+                batch["id"], valid, tc.seed, epoch, tc.n_positives, tc.n_distractors)
+            index = np.concatenate([anchor[:, None], pos, neg], axis=1)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                tokens = token_source(batch, index)
+                b, m = index.shape
+                emb = ddp_head(tokens.reshape(b * m, *tokens.shape[2:])).float().reshape(b, m, -1)
+            P = tc.n_positives
+            out = loss_fn(emb[:, 0], emb[:, 1:1 + P], emb[:, 1 + P:],
+                          pos_mask=torch.tensor(pos_mask, device=device),
+                          neg_mask=torch.tensor(neg_mask, device=device))
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(out.loss).backward()
+            scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), tc.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            step += 1
+            _maybe_inject_fault(config, step, ctx)
+            metrics = {"loss": float(out.loss), "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
+                       "epoch": epoch, "step": step, **{f"loss_{k}": v for k, v in out.terms.items()}}
+            if tracker is not None and step % 5 == 0:
+                tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step)
+            at_end = step == total_steps
+            if step % val_every == 0 or step % ckpt_every == 0 or at_end:
+                last = _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings,
+                                            token_source, model, opt, sched, scaler, metrics,
+                                            epoch, step, steps_per_epoch, progress, tracker)
+        if step >= total_steps:
+            break
+    last["train_seconds"] = round(time.time() - t_start, 2)
+    if tracker is not None:
+        tracker.log_metrics({"train_seconds": last["train_seconds"]}, step)
+    return last
+
+
+def _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings, token_source, model,
+                         opt, sched, scaler, metrics, epoch, step, steps_per_epoch, progress, tracker):
+    val = _validate(head, storage, cfg, config["val_items"], sources, settings, token_source) \
+        if ctx.rank == 0 else {}
+    metrics = {**metrics, **val}
+    done_epoch = epoch + 1 if step % steps_per_epoch == 0 else epoch
+    progress = {"epoch": done_epoch, "step": step,
+                "best_val_ssr": max(progress["best_val_ssr"], val.get("val_ssr", -1.0))}
+    if tracker is not None and val:
+        tracker.log_metrics(val, step)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt_dir = None
+        if ctx.rank == 0:
+            model.head = head
+            model.save_pretrained(tmp, metrics={k: v for k, v in val.items() if not k.endswith("rows")})
+            save_training_state(tmp, opt, sched, scaler, progress)
+            ckpt_dir = tmp
+        ctx.report(metrics, ckpt_dir)
+        if ctx.kind == "local" and ckpt_dir and ctx.out_dir:
+            import shutil
+
+            shutil.copytree(tmp, ctx.out_dir, dirs_exist_ok=True)
+    return metrics
+
+
+def _maybe_inject_fault(config: dict, step: int, ctx) -> None:
+    """Test hook: kill this worker process once at `fault_kill_step` (a marker file makes it once)."""
+    kill_at = config.get("fault_kill_step")
+    marker = config.get("fault_marker")
+    if kill_at and step == kill_at and ctx.rank == ctx.world - 1 and marker and not os.path.exists(marker):
+        Path(marker).write_text("killed")
+        os._exit(1)
+
+
+def steps_for(n_items: int, batch_size: int, world: int, epochs: int) -> int:
+    per = max(2, batch_size // world)
+    return max(1, n_items // (per * world)) * epochs
+
