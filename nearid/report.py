@@ -10,6 +10,9 @@ TABLE_COLUMNS = [("nearid_ssr", "NearID SSR"), ("nearid_pa", "NearID PA"),
                  ("db_m_h", "DB++ M-H")]
 
 
+COUNT_COLUMNS = {"rows", "mtg_n", "db_n"}
+
+
 def _plt():
     import matplotlib
 
@@ -33,6 +36,8 @@ def to_markdown(df: pd.DataFrame, floatfmt: dict | None = None) -> str:
         if isinstance(v, (float, np.floating)):
             if np.isnan(v):
                 return "-"
+            if col in COUNT_COLUMNS:
+                return str(int(v))
             return f"{v:.3f}" if ("M-" in col or "M-H" in col) else f"{v:.2f}"
         return str(v)
 

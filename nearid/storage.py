@@ -191,6 +191,19 @@ class Storage:
             raise
         return self.commit_staging(name, write_id)
 
+    def replace_table(self, spec: TableSpec | str, table: pa.Table,
+                      partition_by: Iterable[str] | None = None) -> list[str]:
+        """Replace a whole (small, derived) table: old parts go only after the new ones exist."""
+        name = spec if isinstance(spec, str) else spec.name
+        sel = pafs.FileSelector(self.path(name), recursive=True, allow_not_found=True)
+        old = [i.path for i in self.fs.get_file_info(sel)
+               if i.path.endswith(".parquet") and "/_" not in i.path[len(self.path(name)):]]
+        new = self.write_table(spec, table, partition_by)
+        for p in old:
+            if p not in new:
+                self.fs.delete_file(p)
+        return new
+
     def table_exists(self, name: str) -> bool:
         sel = pafs.FileSelector(self.path(name), recursive=True, allow_not_found=True)
         return any(i.path.endswith(".parquet") and "/_" not in i.path[len(self.path(name)):]

@@ -273,7 +273,7 @@ def train_loop(config: dict) -> dict:
             sched.step()
             step += 1
             _maybe_inject_fault(config, step, ctx)
-            metrics = {"loss": float(out.loss), "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
+            metrics = {"loss": float(out.loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
                        "epoch": epoch, "step": step, **{f"loss_{k}": v for k, v in out.terms.items()}}
             if tracker is not None and step % 5 == 0:
                 tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step)

@@ -1,0 +1,353 @@
+"""In-process study of the synthetic NearID world: render -> distractors -> frozen tokens -> trained
+MAP head -> held-out SSR/PA, with a CLI flag for every lever (issue 11). No Ray, no storage.
+
+    python bench/world_study.py [--n-identities 600] [--resolution 64] [--patch 4] [--layers 0] ...
+
+It mirrors the production path so that findings transfer: positives from `SynthWorld`, the
+distractors of the default settings (flux: 1 change, sdxl: 2, powerpaint: 1) from the procedural
+backend fed by `near_identity_prompt` and composited with a 2-px dilated mask, seeded per
+(run seed, id, view, setting) like `stages.generate`; the head is trained on cached tokens with the
+same per-epoch draw (`training.items.draw_batch`), loss, AdamW, cosine warm-up and grad clip as
+`training.loop`. Prints one table: frozen map / mean readouts and the trained head, SSR/PA on
+the test and train splits, plus the trained head's win rate per changed attribute.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nearid.backbone import load_backbone  # noqa: E402
+from nearid.generate.masks import composite, dilate_mask  # noqa: E402
+from nearid.generate.procedural import ProceduralBackend  # noqa: E402
+from nearid.generate.prompts import near_identity_prompt  # noqa: E402
+from nearid.head import MAPHead  # noqa: E402
+from nearid.losses import build_loss  # noqa: E402
+from nearid.metrics import nearid_scores  # noqa: E402
+from nearid.stages.generate import row_seed  # noqa: E402
+from nearid.synth import SynthWorld  # noqa: E402
+from nearid.synth.grammar import describe, parse  # noqa: E402
+from nearid.synth.variation import changed_attributes  # noqa: E402
+from nearid.training.items import N_VIEWS, draw_batch  # noqa: E402
+from nearid.training.validate import item_sims  # noqa: E402
+
+DEFAULT_SETTINGS = (("flux", 1), ("sdxl", 2), ("powerpaint", 1))
+CACHE_DIR = Path("/tmp/nearid_world_cache")
+
+
+@dataclass
+class WorldConfig:
+    """What is rendered: the world and its distractors."""
+
+    seed: int = 0
+    n_identities: int = 600
+    resolution: int = 64
+    split: tuple[float, float, float] = (0.8, 0.05, 0.15)
+    closeness: float = 1.0
+    settings: tuple[tuple[str, int], ...] = DEFAULT_SETTINGS
+    dilation: int = 2
+    distractors: str = "procedural"  # or "oracle" (SynthWorld.render_distractor)
+    run_seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True) + _world_fingerprint()
+        return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
+@dataclass
+class ModelConfig:
+    """The frozen tiny SigLIP (tiny_overrides) and the head training recipe."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    hidden_size: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 128
+    backbone_seed: int = 0
+    loss: str = "nearid"
+    temperature: float = 0.07
+    alpha: float = 0.5
+    use_negatives: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    epochs: int = 8
+    batch_size: int = 64
+    train_seed: int = 0
+    threads: int = 2
+
+    def tiny_overrides(self) -> dict:
+        return dict(image_size=self.image_size, patch_size=self.patch_size,
+                    hidden_size=self.hidden_size, num_hidden_layers=self.layers,
+                    num_attention_heads=self.heads, intermediate_size=self.intermediate)
+
+    def loss_params(self) -> dict:
+        if self.loss == "nearid":
+            return dict(temperature=self.temperature, alpha=self.alpha)
+        if self.loss == "infonce":
+            return dict(temperature=self.temperature, use_negatives=self.use_negatives)
+        return {}
+
+
+@dataclass
+class WorldData:
+    """Rendered images [n, S, V, H, W, 3] (source 0 = positive), ids, splits, and per
+    distractor the attributes that changed (n x settings x views lists)."""
+
+    ids: list[str]
+    splits: np.ndarray
+    images: np.ndarray
+    settings: list[str]
+    changed: list = field(default_factory=list)
+    render_seconds: float = 0.0
+
+    @property
+    def sources(self) -> list[str]:
+        return ["positive", *self.settings]
+
+
+def _world_fingerprint() -> str:
+    """Hash of the world's source files, so a cached render is redone when the world changes."""
+    root = Path(__file__).resolve().parent.parent / "nearid"
+    files = sorted((root / "synth").glob("*.py")) + [root / "generate" / "procedural.py",
+                                                     root / "generate" / "prompts.py"]
+    return hashlib.blake2b(b"".join(f.read_bytes() for f in files), digest_size=8).hexdigest()
+
+
+def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
+    """Positives and distractors of every identity, as the pipeline would produce them."""
+    path = CACHE_DIR / f"{wc.key()}.npz"
+    if use_cache and path.exists():
+        z = np.load(path, allow_pickle=True)
+        return WorldData(list(z["ids"]), z["splits"], z["images"], list(z["settings"]),
+                         list(z["changed"]), float(z["render_seconds"]))
+    t0 = time.perf_counter()
+    world = SynthWorld(seed=wc.seed, n_identities=wc.n_identities, n_views=N_VIEWS,
+                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness)
+    backend = ProceduralBackend()
+    ids = world.ids()
+    settings = [name for name, _ in wc.settings]
+    res = wc.resolution
+    images = np.zeros((len(ids), 1 + len(settings), N_VIEWS, res, res, 3), np.uint8)
+    changed = []
+    for i, id_ in enumerate(ids):
+        spec = world.identity(id_)
+        description = describe(spec)
+        per_setting = [[None] * N_VIEWS for _ in settings]
+        for v in range(N_VIEWS):
+            img, mask = world.render_view(id_, v)
+            images[i, 0, v] = np.asarray(img)
+            dilated = dilate_mask(mask, wc.dilation)
+            for s, (name, n_changes) in enumerate(wc.settings):
+                seed = row_seed(wc.run_seed, id_, v, name)
+                if wc.distractors == "oracle":
+                    variant = world.near_identity(spec, seed, n_changes=n_changes)
+                    out, _ = world.render_distractor(id_, v, variant)
+                else:
+                    prompt = near_identity_prompt(spec.category, description, seed=seed,
+                                                  n_changes=n_changes, closeness=wc.closeness)
+                    variant = parse(prompt)
+                    gen = backend.inpaint([img], [dilated], [prompt], [seed])[0]
+                    out = composite(img, gen, dilated)
+                images[i, 1 + s, v] = np.asarray(out)
+                per_setting[s][v] = changed_attributes(spec, variant)
+        changed.append(per_setting)
+    splits = np.array([world.split_of(i) for i in ids])
+    data = WorldData(ids, splits, images, settings, changed, time.perf_counter() - t0)
+    if use_cache:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        np.savez(path, ids=np.array(ids), splits=splits, images=images, settings=np.array(settings),
+                 changed=np.array(changed, dtype=object), render_seconds=data.render_seconds)
+    return data
+
+
+@torch.no_grad()
+def extract(data: WorldData, mc: ModelConfig, batch: int = 256):
+    """Frozen tokens [n, S*V, T, D] (fp16) and frozen readouts {map, mean}: [n, S*V, D] (unit)."""
+    backbone = load_backbone("tiny-random", tiny_overrides=mc.tiny_overrides(), seed=mc.backbone_seed)
+    from PIL import Image
+
+    n, S, V = data.images.shape[:3]
+    flat = data.images.reshape(n * S * V, *data.images.shape[3:])
+    toks, maps, means = [], [], []
+    same_size = flat.shape[1] == backbone.image_size
+    for s in range(0, flat.shape[0], batch):
+        if same_size:  # the processor's resize is a no-op here: rescale + normalise directly
+            pix = torch.from_numpy(flat[s:s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        else:
+            pix = backbone.preprocess([Image.fromarray(a) for a in flat[s:s + batch]])
+        t = backbone.tokens(pix).float()
+        r = backbone.readouts(tokens=t)
+        toks.append(t.half())
+        maps.append(torch.nn.functional.normalize(r["map"], dim=-1))
+        means.append(torch.nn.functional.normalize(r["mean"], dim=-1))
+    tokens = torch.cat(toks).reshape(n, S * V, *toks[0].shape[1:])
+    readouts = {k: torch.cat(v).reshape(n, S * V, -1).numpy() for k, v in (("map", maps), ("mean", means))}
+    return backbone, tokens, readouts
+
+
+def train_head(backbone, tokens: torch.Tensor, ids: list[str], mc: ModelConfig,
+               log_every: int = 0) -> tuple[MAPHead, float, list[float]]:
+    """Train a MAP head (started from the backbone's own) on cached tokens, like training.loop."""
+    torch.manual_seed(mc.train_seed)
+    head = MAPHead.from_backbone(backbone)
+    head.train()
+    loss_fn = build_loss(mc.loss, **mc.loss_params())
+    opt = torch.optim.AdamW(head.parameters(), lr=mc.lr, weight_decay=mc.weight_decay)
+    n = tokens.shape[0]
+    per = max(2, mc.batch_size)
+    steps_per_epoch = max(1, n // per)
+    total = steps_per_epoch * mc.epochs
+    from transformers import get_cosine_schedule_with_warmup
+
+    sched = get_cosine_schedule_with_warmup(opt, min(mc.warmup_steps, total // 2), total)
+    valid = np.ones((n, tokens.shape[1]), bool)
+    id_arr = np.array(ids, dtype=object)
+    losses = []
+    t0 = time.perf_counter()
+    for epoch in range(mc.epochs):
+        order = np.random.default_rng(mc.train_seed * 1000 + epoch).permutation(n)
+        for b in range(steps_per_epoch):
+            rows = order[b * per:(b + 1) * per]
+            anchor, pos, pos_mask, neg, neg_mask = draw_batch(id_arr[rows], valid[rows], mc.train_seed,
+                                                              epoch, 2, 3)
+            index = np.concatenate([anchor[:, None], pos, neg], axis=1)
+            sel = tokens[torch.as_tensor(rows)[:, None], torch.as_tensor(index)].float()
+            bsz, m = index.shape
+            emb = head(sel.reshape(bsz * m, *sel.shape[2:])).reshape(bsz, m, -1)
+            out = loss_fn(emb[:, 0], emb[:, 1:3], emb[:, 3:], pos_mask=torch.as_tensor(pos_mask),
+                          neg_mask=torch.as_tensor(neg_mask))
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(float(out.loss.detach()))
+        if log_every and (epoch + 1) % log_every == 0:
+            print(f"  epoch {epoch + 1}: loss {np.mean(losses[-steps_per_epoch:]):.3f}", flush=True)
+    head.eval()
+    return head, time.perf_counter() - t0, losses
+
+
+@torch.no_grad()
+def embed(head: MAPHead, tokens: torch.Tensor, chunk: int = 1024) -> np.ndarray:
+    n, slots = tokens.shape[:2]
+    flat = tokens.reshape(n * slots, *tokens.shape[2:])
+    out = [torch.nn.functional.normalize(head(flat[i:i + chunk].float()), dim=-1)
+           for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(out).reshape(n, slots, -1).numpy()
+
+
+def scores(emb: np.ndarray, data: WorldData, split: str) -> dict:
+    """Pooled SSR / PA over the split's rows (one row per identity and setting)."""
+    keep = data.splits == split
+    ids = [i for i, k in zip(data.ids, keep) if k]
+    sims = item_sims(ids, emb[keep], np.ones(emb[keep].shape[:2], bool), data.sources, data.settings)
+    s = nearid_scores(sims)
+    return {"ssr": s["ssr"], "pa": s["pa"], "n": s["n"]}
+
+
+def attribute_wins(emb: np.ndarray, data: WorldData, split: str = "test") -> dict[str, float]:
+    """% of distractors beaten on both of their terms, by changed attribute (a distractor with
+    two changes counts for both), over the split."""
+    e = emb.reshape(emb.shape[0], len(data.sources), N_VIEWS, -1)
+    wins: dict[str, list[bool]] = {}
+    for i in np.flatnonzero(data.splits == split):
+        pos = e[i, 0]
+        sim = pos @ pos.T
+        for s in range(len(data.settings)):
+            for a in range(N_VIEWS):
+                cross = float(pos[a] @ e[i, 1 + s, a])
+                ok = all(sim[a, j] > cross for j in range(N_VIEWS) if j != a)
+                for attr in data.changed[i][s][a]:
+                    wins.setdefault(attr, []).append(ok)
+    return {k: 100.0 * float(np.mean(v)) for k, v in sorted(wins.items())}
+
+
+def run_study(wc: WorldConfig, mc: ModelConfig, verbose: bool = True, log_every: int = 0) -> dict:
+    """Render (cached), extract, train, evaluate; returns a flat dict of results."""
+    torch.set_num_threads(mc.threads)
+    data = render_world(wc)
+    t0 = time.perf_counter()
+    backbone, tokens, readouts = extract(data, mc)
+    extract_s = time.perf_counter() - t0
+    train_mask = data.splits == "train"
+    train_ids = [i for i, k in zip(data.ids, train_mask) if k]
+    head, train_s, losses = train_head(backbone, tokens[torch.as_tensor(train_mask)], train_ids, mc,
+                                       log_every)
+    out = {"render_s": round(data.render_seconds, 1), "extract_s": round(extract_s, 1),
+           "train_s": round(train_s, 1), "final_loss": round(float(np.mean(losses[-10:])), 3),
+           "tokens": int(tokens.shape[2])}
+    trained = embed(head, tokens)
+    for name, emb in (("map", readouts["map"]), ("mean", readouts["mean"]), ("head", trained)):
+        for split in ("test", "train"):
+            s = scores(emb, data, split)
+            out[f"{name}_{split}_ssr"], out[f"{name}_{split}_pa"] = round(s["ssr"], 1), round(s["pa"], 1)
+    out["head_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(trained, data).items()}
+    out["map_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(readouts["map"], data).items()}
+    out["_head"], out["_data"], out["_tokens"], out["_backbone"] = head, data, tokens, backbone
+    return out
+
+
+def print_table(rows: list[tuple[str, dict]]) -> None:
+    """One line per run: frozen readouts and trained head, test and train SSR/PA, seconds."""
+    cols = ["map_test_ssr", "mean_test_ssr", "head_test_ssr", "head_test_pa", "head_train_ssr",
+            "train_s", "render_s", "extract_s"]
+    print("| run | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for name, r in rows:
+        print(f"| {name} | " + " | ".join(str(r[c]) for c in cols) + " |")
+    for name, r in rows:
+        print(f"{name}: head wins by attribute {r['head_attr_wins']}; map {r['map_attr_wins']}")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of WorldConfig and ModelConfig (same names, dashes)."""
+    for cls in (WorldConfig, ModelConfig):
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            if f.name == "split":
+                parser.add_argument(flag, type=float, nargs=3, default=list(default))
+            elif f.name == "settings":
+                parser.add_argument(flag, default=",".join(f"{n}:{c}" for n, c in default),
+                                    help="name:n_changes,...")
+            elif isinstance(default, bool):
+                parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default)
+            else:
+                parser.add_argument(flag, type=type(default), default=default)
+
+
+def configs_from(args: argparse.Namespace) -> tuple[WorldConfig, ModelConfig]:
+    w = {f.name: getattr(args, f.name) for f in fields(WorldConfig)}
+    w["split"] = tuple(w["split"])
+    w["settings"] = tuple((n, int(c)) for n, c in (p.split(":") for p in w["settings"].split(",")))
+    m = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
+    return WorldConfig(**w), ModelConfig(**m)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser)
+    parser.add_argument("--name", default="run")
+    parser.add_argument("--log-every", type=int, default=0)
+    args = parser.parse_args(argv)
+    wc, mc = configs_from(args)
+    r = run_study(wc, mc, log_every=args.log_every)
+    print_table([(args.name, r)])
+    print(json.dumps({"world": asdict(wc), "model": asdict(mc)}))
+    return r
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Stage `evaluate`: Table 1 for any set of scorers on the NearID, MTG and DreamBench++ benchmarks.
+
+Scorers: `frozen:<readout>` uses the backbone readouts written by the extraction job
+(`emb_map`, `emb_mean`, `emb_cls`); `nearid` / `nearid:<model dir>` runs a trained head over
+the cached tokens (same backbone) or, without tokens, the extraction job in embeddings mode.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..metrics import PAPER_POOLED_SETTINGS, build_sims, margins, mh_score, mtg_scores, nearid_scores, nearid_table
+from ..schema import GRADED, MTG, column_to_numpy
+
+log = logging.getLogger("nearid.evaluate")
+BENCH_SOURCES = ("mtg", "graded")
+
+
+def default_model_dir(cfg, storage) -> str:
+    return storage.uri("models", f"{cfg.run.name}-train")
+
+
+def scorer_embeddings(storage, cfg, scorer: str, ray=None) -> pd.DataFrame:
+    """Embeddings (id, view, source, split, embedding) of every evaluation image for one scorer."""
+    from .extract import read_features
+
+    if scorer.startswith("frozen:"):
+        col = f"emb_{scorer.split(':', 1)[1]}"
+        schema = storage.dataset("features").schema
+        if col not in schema.names:
+            raise ValueError(f"scorer '{scorer}': features have no column {col}; extract with "
+                             f"extract.readouts including '{scorer.split(':', 1)[1]}'")
+        t = read_features(storage, columns=["id", "view", "source", "split", col])
+        return _frame(t, col)
+    if scorer == "nearid" or scorer.startswith("nearid:"):
+        model_dir = scorer.split(":", 1)[1] if ":" in scorer else default_model_dir(cfg, storage)
+        return _nearid_embeddings(storage, cfg, model_dir, ray)
+    raise ValueError(f"unknown scorer '{scorer}': use frozen:map, frozen:mean, frozen:cls, nearid or "
+                     f"nearid:<model dir>")
+
+
+def _frame(t: pa.Table, col: str) -> pd.DataFrame:
+    emb = column_to_numpy(t[col]).astype(np.float32)
+    df = t.select(["id", "view", "source", "split"]).to_pandas()
+    df["embedding"] = list(emb)
+    return df
+
+
+def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
+    import torch
+
+    from ..model import NearIDModel
+    from .extract import read_features
+
+    model = NearIDModel.from_pretrained(model_dir)
+    schema = storage.dataset("features").schema
+    same_backbone = model.backbone.name == cfg.extract.backbone.name and "tokens" in schema.names
+    if not same_backbone:
+        if ray is None:
+            raise ValueError(f"model {model_dir} needs its own extraction (different backbone or no "
+                             "cached tokens) and no Ray runtime was given")
+        from .extract import run_extract
+
+        sub = cfg.model_copy(deep=True)
+        sub.extract.model_dir = model_dir
+        tag = "embeddings_" + "".join(c if c.isalnum() else "_" for c in model_dir)[-40:]
+        run_extract(sub, storage, ray, out_table=tag)
+        return _frame(read_features(storage, tag, columns=["id", "view", "source", "split", "embedding"]),
+                      "embedding")
+    # the backbone is frozen: its cached tokens + the trained head give the model's embeddings
+    ds = storage.dataset("features")
+    frames = []
+    for batch in ds.to_batches(columns=["id", "view", "source", "split", "tokens", "error"], batch_size=1024):
+        t = pa.Table.from_batches([batch])
+        t = t.filter(pc.equal(t["error"], ""))
+        if t.num_rows == 0:
+            continue
+        tokens = torch.tensor(column_to_numpy(t["tokens"]).astype(np.float32))
+        with torch.no_grad():
+            emb = model.embed_tokens(tokens).numpy()
+        df = t.select(["id", "view", "source", "split"]).to_pandas()
+        df["embedding"] = list(emb)
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    for c in ("source", "split"):
+        out[c] = out[c].astype(str)
+    return out
+
+
+def nearid_bench(emb: pd.DataFrame, split: str, pooled: list[str] | None, held_apart: list[str]):
+    """sims rows + per-setting/pooled table for one scorer."""
+    e = emb[(emb["split"] == split) & (~emb["source"].isin(BENCH_SOURCES))]
+    if e.empty:
+        raise ValueError(f"no embeddings for split '{split}'")
+    settings = sorted(s for s in e["source"].unique() if s != "positive")
+    sims = build_sims(e, settings=settings)
+    pooled = pooled or [s for s in settings if s not in held_apart]
+    unknown = [s for s in pooled if s not in settings]
+    if unknown:
+        raise ValueError(f"pooled settings {unknown} have no distractors; available: {settings}")
+    table = nearid_table(sims, by="setting", pooled=pooled, held_apart=[h for h in held_apart if h in settings])
+    return sims, table
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.einsum("nd,nd->n", a, b)
+
+
+def mtg_bench(emb: pd.DataFrame, mtg: pa.Table, split: str) -> dict:
+    e = emb[emb["source"] == "mtg"]
+    wide = {v: e[e["view"] == v].set_index("id")["embedding"] for v in range(4)}
+    meta = mtg.to_pandas().set_index("id")
+    ids = [i for i in meta.index if meta.loc[i, "split"] == split and all(i in wide[v].index for v in range(4))]
+    if not ids:
+        return {}
+    v = {k: np.stack(wide[k].loc[ids].to_numpy()) for k in range(4)}
+    df = pd.DataFrame({"s12": _cos(v[0], v[1]), "s1_1p": _cos(v[0], v[2]), "s2_2p": _cos(v[1], v[3]),
+                       "s1_2p": _cos(v[0], v[3]), "s2_1p": _cos(v[1], v[2]),
+                       "oracle1": meta.loc[ids, "oracle1"].to_numpy(),
+                       "oracle2": meta.loc[ids, "oracle2"].to_numpy()})
+    return mtg_scores(df)
+
+
+def dreambench(emb: pd.DataFrame, graded: pa.Table) -> dict:
+    e = emb[emb["source"] == "graded"]
+    ref = e[e["view"] == 0].set_index("id")["embedding"]
+    gen = e[e["view"] == 1].set_index("id")["embedding"]
+    g = graded.to_pandas()
+    g["key"] = g["id"] + "/" + g["method"]
+    g = g[g["key"].isin(ref.index) & g["key"].isin(gen.index)]
+    if g.empty:
+        return {}
+    g["score"] = 100 * _cos(np.stack(ref.loc[g["key"]].to_numpy()), np.stack(gen.loc[g["key"]].to_numpy()))
+    return mh_score(g[["method", "category", "score", "rating_g1", "rating_g2"]])
+
+
+def tiers(emb: pd.DataFrame, split: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Three tiers of cosine: same identity (other view), distractor (same background), random."""
+    e = emb[(emb["split"] == split) & (~emb["source"].isin(BENCH_SOURCES))]
+    pos = e[e["source"] == "positive"].set_index(["id", "view"])["embedding"]
+    ids = sorted({i for i, _ in pos.index})
+    rng = np.random.default_rng(seed)
+    same, rand = [], []
+    for i in ids:
+        if (i, 0) in pos.index and (i, 1) in pos.index:
+            same.append(float(np.dot(pos[(i, 0)], pos[(i, 1)])))
+            j = ids[rng.integers(len(ids))]
+            if j != i and (j, 1) in pos.index:
+                rand.append(float(np.dot(pos[(i, 0)], pos[(j, 1)])))
+    dist = []
+    d = e[e["source"] != "positive"]
+    for r in d.itertuples():
+        if (r.id, r.view) in pos.index:
+            dist.append(float(np.dot(pos[(r.id, r.view)], r.embedding)))
+    return {"same identity": np.array(same), "distractor": np.array(dist), "random": np.array(rand)}
+
+
+def evaluate_scorers(cfg, storage, scorers: list[str], ray=None) -> dict:
+    """Every benchmark for every scorer; returns rows for the Table-1 report plus details."""
+    ec = cfg.eval
+    held = list(dict.fromkeys([*ec.held_apart, *cfg.generate.held_apart]))
+    mtg = storage.read_table(MTG.name, columns=["id", "split", "oracle1", "oracle2"]) \
+        if "mtg" in ec.benchmarks and storage.table_exists(MTG.name) else None
+    graded = storage.read_table(GRADED.name, columns=["id", "method", "category", "rating_g1", "rating_g2"]) \
+        if "dreambench" in ec.benchmarks and storage.table_exists(GRADED.name) else None
+    rows, details, timing = [], {}, {"embedding_s": 0.0, "metrics_s": 0.0}
+    for scorer in scorers:
+        t0 = time.time()
+        emb = scorer_embeddings(storage, cfg, scorer, ray)
+        t1 = time.time()
+        sims, table = nearid_bench(emb, ec.split, ec.pooled_settings, held)
+        pooled = table[table["setting"] == "pooled"].iloc[0]
+        row = {"scorer": scorer, "nearid_ssr": pooled["ssr"], "nearid_pa": pooled["pa"],
+               "nearid_pa_pure": pooled["pa_pure"], "rows": int(pooled["n"])}
+        if mtg is not None:
+            m = mtg_bench(emb, mtg, ec.split)
+            row.update({f"mtg_{k}": m[k] for k in ("m_o", "m_o_pair", "ssr", "pa") if k in m})
+            row["mtg_n"] = m.get("n", 0)
+        if graded is not None:
+            d = dreambench(emb, graded)
+            if d:
+                row["db_m_h"] = d["m_h"]
+                row["db_n"] = d["n"]
+        t2 = time.time()
+        timing["embedding_s"] += t1 - t0
+        timing["metrics_s"] += t2 - t1
+        mg = margins(sims)
+        mdf = pd.DataFrame({"setting": np.repeat(sims["setting"].to_numpy(), mg.shape[1]),
+                            "margin": mg.reshape(-1)})
+        details[scorer] = {"sims": sims, "table": table, "margins": mdf.dropna(),
+                           "tiers": tiers(emb, ec.split)}
+        rows.append(row)
+    return {"rows": rows, "details": details, "timing": timing}
