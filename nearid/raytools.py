@@ -46,3 +46,14 @@ def write_dataset(ds, storage, table: str, partition_cols: list[str] | None = No
 def chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
+
+
+def fault_point(stage: str, done_chunks: int) -> None:
+    """Test hook: NEARID_FAULT=<stage>:exit_after_chunks:<n> kills this driver after n commits,
+    like a crashed or preempted job driver."""
+    spec = os.environ.get("NEARID_FAULT", "")
+    parts = spec.split(":")
+    if len(parts) == 3 and parts[0] == stage and parts[1] == "exit_after_chunks" \
+            and done_chunks == int(parts[2]):
+        log.warning("NEARID_FAULT: killing the %s driver after %d chunks", stage, done_chunks)
+        os._exit(137)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..images import BadImage, decode_image
-from ..raytools import chunks, write_dataset
+from ..raytools import chunks, fault_point, write_dataset
 from ..schema import (DISTRACTORS, FEATURE_KEY, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
                       make_key, tensor_column)
 
@@ -238,7 +238,7 @@ def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int 
                                  f"{e.max_storage_gb}; pass --set extract.allow_large=true to proceed")
     # every source in one pipeline per chunk: actor pools start once, not once per source
     todo = pa.concat_tables([t for _, _, t in pending]) if pending else None
-    for chunk in chunks(list(range(todo.num_rows if todo is not None else 0)), chunk_rows):
+    for n_chunk, chunk in enumerate(chunks(list(range(todo.num_rows if todo is not None else 0)), chunk_rows), 1):
         sub = todo.take(pa.array(chunk))
         nblocks = max(1, min(e.num_actors * 4, sub.num_rows // max(1, e.batch_size)))
         ds = ray.data.from_arrow(sub).repartition(nblocks)
@@ -251,6 +251,7 @@ def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int 
                             num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None)
         files = write_dataset(ds, storage, out_table, ["source"])
         _record_rejects(storage, files)
+        fault_point("extract", n_chunk)
     counts = {src: reconcile(storage, out_table, src, n_in) for src, n_in, _ in pending}
     summary = {"table": out_table, "sources": counts, "seconds": round(time.time() - t0, 2)}
     storage.mark_done(out_table, summary)

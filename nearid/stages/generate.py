@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..images import BadImage, decode_image, decode_mask, encode_png
-from ..raytools import chunks, write_dataset
+from ..raytools import chunks, fault_point, write_dataset
 from ..schema import DISTRACTORS, POSITIVES, REJECTS, make_key
 
 log = logging.getLogger("nearid.generate")
@@ -127,7 +127,7 @@ def run_generate(cfg, storage, ray, settings: list[str] | None = None, chunk_row
         todo = [k for k in all_keys if k not in done]
         log.info("setting %s: %d rows, %d already written, %d to generate", name, len(all_keys),
                  len(done), len(todo))
-        for chunk in chunks(todo, chunk_rows):
+        for n_chunk, chunk in enumerate(chunks(todo, chunk_rows), 1):
             ids = sorted({i for i, _ in chunk})
             keyset = set(chunk)
             table = storage.read_table(POSITIVES.name, filter=pc.field("id").isin(ids))
@@ -147,6 +147,7 @@ def run_generate(cfg, storage, ray, settings: list[str] | None = None, chunk_row
                 {"stage": "generate", "key": make_key(id=r["id"], view=r["view"], setting=name),
                  "reason": r["status"].removeprefix("rejected: ")}
                 for r in written.to_pylist() if r["status"] != "ok"])
+            fault_point("generate", n_chunk)
         summary[name] = reconcile(storage, name, len(all_keys))
     summary["seconds"] = round(time.time() - t0, 2)
     storage.mark_done(DISTRACTORS.name, summary)

@@ -3,6 +3,7 @@ Ray Train's TorchTrainer (DDP), checkpointing HF-style model dirs, tracked in on
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -140,6 +141,7 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
     loop_config = {"cfg": cfg.model_dump_json(), "settings": settings, "items": items,
                    "val_items": val_items, "n_items": n_total, "run_id": run_id, "context": "train",
                    "tracking_uri": tracker.uri if tracker is not None else None,
+                   "driver_pid": os.getpid(),
                    **(extra_loop_config or {})}
     trainer = TorchTrainer(
         train_loop,

@@ -11,6 +11,12 @@ from PIL import Image, ImageDraw
 from nearid.synth.spec import PALETTE
 
 KINDS: tuple[str, ...] = ("outdoor", "room", "texture", "wallpaper")
+# Backgrounds are photo-like: their colours are pulled toward grey by this factor (1 = as drawn),
+# while objects keep saturated palette colours. A tiny random encoder has no notion of
+# "object"; low saturation is the local, per-patch cue a trained attention probe can use to find
+# the object, as a pretrained encoder's semantic tokens do in real photos.
+SATURATION = 0.4
+PALETTE_CLUTTER = 0.3  # share of clutter shapes drawn in object palette colours (before muting)
 
 
 def _color(rng: np.random.Generator, lo: int = 0, hi: int = 256) -> np.ndarray:
@@ -87,7 +93,7 @@ def _clutter(rng: np.random.Generator, img: Image.Image, res: int) -> None:
     draw = ImageDraw.Draw(img)
     palette = list(PALETTE.values())
     for _ in range(int(rng.integers(4, 11))):
-        if rng.random() < 0.3:
+        if rng.random() < PALETTE_CLUTTER:
             color = palette[int(rng.integers(len(palette)))]
         else:
             color = tuple(int(v) for v in rng.integers(0, 256, size=3))
@@ -116,4 +122,9 @@ def make_background(rng: np.random.Generator, res: int, kind: str) -> Image.Imag
     base = base + 4.0 * rng.standard_normal(size=base.shape, dtype=np.float32)
     img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
     _clutter(rng, img, res)
+    if SATURATION != 1.0:
+        arr = np.asarray(img, dtype=np.float32)
+        grey = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        arr = grey[..., None] + SATURATION * (arr - grey[..., None])
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
     return img

@@ -104,7 +104,8 @@ def _local_batches(storage, table: str, payload: str, batch: int, seed: int, epo
 
 def _to_numpy(t, payload: str, dim: int) -> dict:
     valid = column_to_numpy(t["valid"])
-    d = {"id": np.array(t["id"].to_pylist(), dtype=object), "valid": valid}
+    d = {"id": np.array(t["id"].to_pylist(), dtype=object), "valid": valid,
+         "split": np.array(t["split"].to_pylist(), dtype=object)}
     if payload == "tokens":
         flat = column_to_numpy(t["tokens"])
         d["tokens"] = flat.reshape(flat.shape[0], valid.shape[1], -1, dim)
@@ -210,7 +211,7 @@ def train_loop(config: dict) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     token_source = TokenSource(tc.input_mode, model.backbone, device)
 
-    progress = {"epoch": 0, "step": 0, "best_val_ssr": -1.0}
+    progress = {"epoch": 0, "step": 0, "best_val_ssr": -1.0, "resumed_from_step": 0}
     ckpt = ctx.checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -219,6 +220,7 @@ def train_loop(config: dict) -> dict:
             w = load_file(str(Path(d) / "model.safetensors"))
             head.load_state_dict({k.removeprefix("head."): v for k, v in w.items() if k.startswith("head.")})
             progress = load_training_state(d, opt, sched, scaler)
+            progress["resumed_from_step"] = progress["step"]
         log.info("resumed from checkpoint at epoch %s step %s", progress["epoch"], progress["step"])
 
     tracker = None
@@ -252,6 +254,7 @@ def train_loop(config: dict) -> dict:
                 break
             if b_idx < skip:
                 continue
+            check_train_only(batch)
             valid = np.asarray(batch["valid"]).astype(bool)
             anchor, pos, pos_mask, neg, neg_mask = draw_batch(
                 batch["id"], valid, tc.seed, epoch, tc.n_positives, tc.n_distractors)
@@ -282,6 +285,7 @@ def train_loop(config: dict) -> dict:
                 last = _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings,
                                             token_source, model, opt, sched, scaler, metrics,
                                             epoch, step, steps_per_epoch, progress, tracker)
+                _maybe_kill_driver(config, step, ctx, storage)
         if step >= total_steps:
             break
     last["train_seconds"] = round(time.time() - t_start, 2)
@@ -296,8 +300,9 @@ def _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings, tok
         if ctx.rank == 0 else {}
     metrics = {**metrics, **val}
     done_epoch = epoch + 1 if step % steps_per_epoch == 0 else epoch
-    progress = {"epoch": done_epoch, "step": step,
-                "best_val_ssr": max(progress["best_val_ssr"], val.get("val_ssr", -1.0))}
+    progress.update({"epoch": done_epoch, "step": step,
+                     "best_val_ssr": max(progress["best_val_ssr"], val.get("val_ssr", -1.0))})
+    metrics["resumed_from_step"] = progress["resumed_from_step"]
     if tracker is not None and val:
         tracker.log_metrics(val, step)
     with tempfile.TemporaryDirectory() as tmp:
@@ -315,12 +320,34 @@ def _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings, tok
     return metrics
 
 
+def _maybe_kill_driver(config: dict, step: int, ctx, storage) -> None:
+    """Test hook: NEARID_FAULT=train:kill_driver_after_step:<n> kills the job driver once, after
+    the first checkpoint at or past step n (a crashed driver, to be resubmitted)."""
+    spec = os.environ.get("NEARID_FAULT", "")
+    if not spec.startswith("train:kill_driver_after_step:") or ctx.rank != 0 or not config.get("driver_pid"):
+        return
+    if step >= int(spec.rsplit(":", 1)[1]) and not storage.exists("_fault_driver_killed"):
+        import signal
+
+        storage.write_bytes("_fault_driver_killed", b"1")
+        os.kill(int(config["driver_pid"]), signal.SIGKILL)
+        time.sleep(60)  # the controller goes down with the driver
+
+
+def check_train_only(batch: dict) -> None:
+    """Only the train split may ever reach the loss (the reference recipe trained on val/test)."""
+    bad = [(i, s) for i, s in zip(batch["id"], batch["split"]) if s != "train"]
+    if bad:
+        raise ValueError(f"non-train items reached the training loss: {bad[:5]}")
+
+
 def _maybe_inject_fault(config: dict, step: int, ctx) -> None:
     """Test hook: kill this worker process once at `fault_kill_step` (a marker file makes it once)."""
     kill_at = config.get("fault_kill_step")
     marker = config.get("fault_marker")
     if kill_at and step == kill_at and ctx.rank == ctx.world - 1 and marker and not os.path.exists(marker):
         Path(marker).write_text("killed")
+        time.sleep(5)  # let the controller register the last reported checkpoint first
         os._exit(1)
 
 

@@ -1,0 +1,256 @@
+"""End-to-end: the real jobs on a real local Ray runtime, real MLflow (SQLite), a tiny world.
+
+One small pipeline run is shared by the module; fault tests run the job drivers in subprocesses
+and kill them (NEARID_FAULT hooks), then resubmit and check every key exists exactly once.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from nearid.config import load_config
+from nearid.storage import Storage
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["synth.n_identities=36", "synth.n_mtg=6", "synth.n_graded=4", "train.epochs=2",
+         "train.batch_size=16", "train.warmup_steps=2", "generate.validate_sample=20",
+         "eval.plots=true"]
+
+
+def argv_for(root, *extra):
+    out = ["--config", str(ROOT / "configs/local.yaml"), "--set", f"run.root={root}"]
+    for s in [*SMALL, *extra]:
+        out += ["--set", s]
+    return out
+
+
+def cfg_for(root, *extra):
+    return load_config(ROOT / "configs/local.yaml", [f"run.root={root}", *SMALL, *extra])
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, ray_local):
+    from jobs import pipeline
+
+    root = tmp_path_factory.mktemp("e2e")
+    summary = pipeline.main(argv_for(root))
+    return root, summary
+
+
+def _keys(storage, table, cols, filter=None):
+    t = storage.read_table(table, columns=cols, filter=filter)
+    return list(zip(*[t[c].to_pylist() for c in cols]))
+
+
+def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
+    from mlflow import MlflowClient
+
+    from nearid.model import NearIDModel
+
+    root, summary = pipeline_run
+    st = Storage.open(str(root))
+    assert len(_keys(st, "positives", ["id", "view"])) == 36 * 3
+    for setting in ("flux", "sdxl", "powerpaint"):
+        keys = _keys(st, "distractors", ["id", "view"], pc.field("setting") == setting)
+        assert len(keys) == len(set(keys)) == 108
+    feats = st.read_table("features", columns=["id", "view", "source"])
+    assert set(feats["source"].to_pylist()) >= {"positive", "flux", "sdxl", "powerpaint", "mtg", "graded"}
+    model = NearIDModel.from_pretrained(root / "models" / "demo-train")
+    assert model.embedding_dim == 64
+    assert "| nearid |" in summary["markdown"] and "| frozen:map |" in summary["markdown"]
+    assert (root / "reports" / "demo-eval" / "table.tex").read_text().startswith("\\begin{tabular}")
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name("nearid-local")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    train = runs["demo-train"]
+    assert float(train.data.params["train.lr"]) == 1e-3
+    assert train.data.tags["backbone"] == "tiny-random"
+    assert "val_ssr" in train.data.metrics and len(client.get_metric_history(train.info.run_id, "loss")) >= 1
+    arts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert {"model", "plots"} <= arts
+    assert {a.path for a in client.list_artifacts(train.info.run_id, "model")} >= {
+        "model/config.json", "model/model.safetensors", "model/README.md"}
+    ev = runs["demo-eval"]
+    assert "nearid.nearid_ssr" in ev.data.metrics
+    plots = {a.path for a in client.list_artifacts(ev.info.run_id, "plots")}
+    assert {"plots/margin_histograms.png", "plots/similarity_tiers.png", "plots/ssr_per_setting.png"} <= plots
+
+
+def test_generate_rerun_is_a_noop_without_duplicates(pipeline_run, ray_local):
+    from jobs import generate
+
+    root, _ = pipeline_run
+    before = sorted(p.name for p in (root / "distractors").rglob("*.parquet"))
+    summary = generate.main(argv_for(root))
+    after = sorted(p.name for p in (root / "distractors").rglob("*.parquet"))
+    assert before == after
+    assert summary["flux"] == {"input": 108, "ok": 108, "rejected": 0, "duplicates": 0}
+    assert summary["validation"]["flux"]["outside_equal_share"] == 1.0
+
+
+def test_only_train_split_reaches_the_loss(pipeline_run):
+    from nearid.training.loop import check_train_only
+
+    root, _ = pipeline_run
+    st = Storage.open(str(root))
+    items = st.read_table("items_tokens_train", columns=["id", "split"])
+    assert set(items["split"].to_pylist()) == {"train"}
+    test_ids = {i for i, s in _keys(st, "positives", ["id", "split"]) if s != "train"}
+    assert not test_ids & {i.split("#")[0].removeprefix("mtg:") for i in items["id"].to_pylist()}
+    with pytest.raises(ValueError, match="non-train items"):
+        check_train_only({"id": np.array(["a", "b"]), "split": np.array(["train", "val"])})
+
+
+def _fresh_root_with_positives(src: Path, dst: Path) -> Path:
+    for t in ("positives", "mtg", "graded", "config"):
+        if (src / t).exists():
+            shutil.copytree(src / t, dst / t, ignore=shutil.ignore_patterns("_SUCCESS.json"))
+    return dst
+
+
+def _run_killed(args: list[str], fault: str) -> int:
+    env = {**os.environ, "NEARID_FAULT": fault, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rc = proc.wait(timeout=400)
+    finally:
+        try:  # the killed driver's own local Ray processes go with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return rc
+
+
+def test_generate_and_extract_drivers_killed_then_resubmitted(pipeline_run, tmp_path, ray_local):
+    from jobs import extract, generate
+
+    src, _ = pipeline_run
+    root = _fresh_root_with_positives(src, tmp_path / "kill")
+    a = argv_for(root, "generate.settings={flux: {backend: procedural}}")
+    rc = _run_killed(["jobs.generate", *a, "--chunk-rows", "30"], "generate:exit_after_chunks:1")
+    assert rc == 137
+    st = Storage.open(str(root))
+    partial = _keys(st, "distractors", ["id", "view"])
+    assert 0 < len(partial) < 108 and len(partial) == len(set(partial))
+    summary = generate.main(a + ["--chunk-rows", "30"])
+    keys = _keys(st, "distractors", ["id", "view"])
+    assert len(keys) == len(set(keys)) == 108 and summary["flux"]["ok"] == 108
+
+    e = a + ["--set", "extract.sources=[positive,flux]"]
+    rc = _run_killed(["jobs.extract", *e], "extract:exit_after_chunks:1")
+    assert rc in (0, 137)  # one chunk may hold everything at this size
+    extract.main(e)
+    keys = _keys(st, "features", ["id", "view", "source"])
+    assert len(keys) == len(set(keys)) == 216
+
+
+def test_bad_rows_become_rejects_and_counts_reconcile(pipeline_run, tmp_path, ray_local):
+    from nearid.images import encode_png
+    from nearid.schema import POSITIVES
+    from nearid.stages.extract import run_extract
+    from nearid.stages.generate import run_generate
+    from PIL import Image
+
+    src, _ = pipeline_run
+    root = _fresh_root_with_positives(src, tmp_path / "bad")
+    st = Storage.open(str(root))
+    good_mask = encode_png(Image.new("L", (64, 64), 255))
+    bad = [
+        {"id": "bad-000", "view": 0, "split": "train", "category": "mug", "description": "a red mug",
+         "prompt": "x", "image": b"\x89PNG truncated", "mask": good_mask},
+        {"id": "bad-001", "view": 0, "split": "train", "category": "mug", "description": "a red mug",
+         "prompt": "x", "image": encode_png(Image.new("RGB", (64, 64))), "mask": encode_png(Image.new("L", (64, 64)))},
+    ]
+    st.write_table(POSITIVES, pa.Table.from_pylist(bad, schema=POSITIVES.schema))
+    cfg = cfg_for(root, "generate.settings={flux: {backend: procedural}}", "extract.sources=[positive]")
+    summary = run_generate(cfg, st, ray_local)
+    assert summary["flux"] == {"input": 110, "ok": 108, "rejected": 2, "duplicates": 0}
+    rejects = st.read_table("rejects").to_pylist()
+    reasons = {r["key"]: r["reason"] for r in rejects}
+    assert "cannot decode" in reasons["id=bad-000/view=0/setting=flux"]
+    assert "empty" in reasons["id=bad-001/view=0/setting=flux"]
+    ex = run_extract(cfg, st, ray_local)
+    assert ex["sources"]["positive"] == {"input": 110, "ok": 109, "rejected": 1, "duplicates": 0}
+    assert any(r["stage"] == "extract" and "bad-000" in r["key"] for r in st.read_table("rejects").to_pylist())
+
+
+def test_tiny_diffusers_pipeline_through_ray_data(pipeline_run, tmp_path, ray_local):
+    from nearid.stages.generate import run_generate, validate_generation
+
+    src, _ = pipeline_run
+    root = _fresh_root_with_positives(src, tmp_path / "diff")
+    cfg = cfg_for(root, "generate.splits=[val]",
+                  "generate.settings={tinysd: {backend: sd_inpaint, batch_size: 4, "
+                  "params: {tiny: true, steps: 2}}}")
+    st = Storage.open(str(root))
+    n_val = sum(1 for _, s in _keys(st, "positives", ["id", "split"]) if s == "val")
+    summary = run_generate(cfg, st, ray_local)
+    assert summary["tinysd"]["ok"] == n_val > 0
+    check = validate_generation(st, ["tinysd"], cfg.generate.mask_dilation, 50)
+    assert check["metrics"]["tinysd"]["outside_equal_share"] == 1.0
+    assert check["metrics"]["tinysd"]["inside_changed_mean"] > 0.5
+
+
+def test_embeddings_only_mode_with_trained_model(pipeline_run, ray_local):
+    import torch
+
+    from nearid.model import NearIDModel
+    from nearid.schema import column_to_numpy
+    from nearid.stages.extract import run_extract
+
+    root, _ = pipeline_run
+    model_dir = str(root / "models" / "demo-train")
+    cfg = cfg_for(root, f"extract.model_dir={model_dir}", "extract.sources=[positive]",
+                  "extract.splits=[test]")
+    st = Storage.open(str(root))
+    summary = run_extract(cfg, st, ray_local, out_table="embeddings")
+    t = st.read_table("embeddings").sort_by([("id", "ascending"), ("view", "ascending")])
+    assert "tokens" not in t.column_names and summary["sources"]["positive"]["ok"] == t.num_rows
+    f = st.read_table("features", columns=["id", "view", "tokens"],
+                      filter=(pc.field("source") == "positive") & (pc.field("split") == "test"))
+    f = f.sort_by([("id", "ascending"), ("view", "ascending")])
+    model = NearIDModel.from_pretrained(model_dir)
+    with torch.no_grad():
+        ref = model.embed_tokens(torch.tensor(column_to_numpy(f["tokens"]).astype(np.float32))).numpy()
+    got = column_to_numpy(t["embedding"])
+    assert np.allclose(got, ref, atol=2e-3)  # tokens are cached in fp16
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-4)
+
+
+def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(pipeline_run, tmp_path, ray_local):
+    from nearid.stages.train import run_train
+    from nearid.training.loop import steps_for
+
+    root, _ = pipeline_run
+    cfg = cfg_for(root, "train.max_failures=1", "train.checkpoint_every_steps=2", "train.epochs=2")
+    st = Storage.open(str(root))
+    marker = tmp_path / "killed"
+    out = run_train(cfg, st, ray_local, None, run_name="fault-worker",
+                    extra_loop_config={"fault_kill_step": 3, "fault_marker": str(marker)})
+    assert marker.exists()
+    n_items = st.read_table("items_tokens_train", columns=["id"]).num_rows
+    assert out["metrics"]["step"] == steps_for(n_items, 16, 1, 2)
+    assert out["metrics"]["resumed_from_step"] == 2
+
+
+def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local):
+    from jobs import train
+
+    root, _ = pipeline_run
+    a = argv_for(root, "train.checkpoint_every_steps=2", "train.epochs=2") + ["--run-name", "fault-driver"]
+    rc = _run_killed(["jobs.train", *a], "train:kill_driver_after_step:2")
+    assert rc == -signal.SIGKILL
+    summary = train.main(a)
+    assert summary["metrics"]["resumed_from_step"] >= 2
