@@ -254,3 +254,44 @@ def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local)
     assert rc == -signal.SIGKILL
     summary = train.main(a)
     assert summary["metrics"]["resumed_from_step"] >= 2
+
+
+def test_batch_scoring_job_and_cli(pipeline_run, tmp_path, ray_local, capsys):
+    import pandas as pd
+
+    from jobs import score
+    from nearid import cli
+    from nearid.images import decode_image
+    from nearid.model import NearIDModel
+
+    root, _ = pipeline_run
+    st = Storage.open(str(root))
+    pos = st.read_table("positives", columns=["id", "view", "image"], filter=pc.field("split") == "test")
+    paths = {}
+    for r in pos.to_pylist()[:9]:
+        p = tmp_path / f"{r['id']}_{r['view']}.png"
+        p.write_bytes(r["image"])
+        paths[(r["id"], r["view"])] = str(p)
+    keys = list(paths)
+    pairs = pd.DataFrame({"reference": [paths[keys[0]], paths[keys[0]], paths[keys[3]], "missing.png"],
+                          "generated": [paths[keys[1]], paths[keys[2]], paths[keys[4]], paths[keys[1]]],
+                          "method": ["a", "a", "b", "b"]})
+    pairs.to_parquet(tmp_path / "pairs.parquet")
+    model_dir = str(root / "models" / "demo-train")
+    res = score.main(["--pairs", str(tmp_path / "pairs.parquet"), "--model", model_dir,
+                      "--out", str(tmp_path / "scores")])
+    assert (res["pairs"], res["scored"], res["rejected"]) == (4, 3, 1)
+    out = Storage.open(str(tmp_path / "scores")).read_table("scores").to_pandas().sort_values("pair")
+    model = NearIDModel.from_pretrained(model_dir)
+    a, b = (decode_image(open(paths[k], "rb").read()) for k in keys[:2])
+    expected = 100 * float(model.score([a], [b])[0])
+    assert abs(out["score"].iloc[0] - expected) < 1e-3
+    assert "file not found" in out["error"].iloc[3]
+    agg = res["per_method"].set_index("method")
+    assert agg.loc["a", "n"] == 2 and agg.loc["a", "ci95_low"] <= agg.loc["a", "mean"] <= agg.loc["a", "ci95_high"]
+
+    capsys.readouterr()
+    assert cli.main(["score", paths[keys[0]], paths[keys[1]], "--model", model_dir]) == 0
+    assert abs(float(capsys.readouterr().out.strip()) * 100 - expected) < 1e-2
+    assert cli.main(["report", str(root)]) == 0
+    assert "| nearid |" in capsys.readouterr().out

@@ -17,6 +17,7 @@ from nearid.synth.spec import PALETTE, IdentitySpec
 
 REFERENCE_SCALE = 32.0  # pixels per object unit when measuring an object's area and extent
 OUTLINE_FACTOR = 0.55   # darkened label boundaries keep parts readable at low resolution
+CELL_FRACTION = 0.3     # pattern cell, in object units: big enough to read at patch level
 
 
 @dataclass
@@ -45,7 +46,7 @@ class Pose:
 
 def cell_size(scale: float) -> int:
     """Pattern cell in pixels: about a fifth of an object unit, never below 3 px."""
-    return max(3, round(0.2 * scale))
+    return max(3, round(CELL_FRACTION * scale))
 
 
 def pattern_mask(pattern: str, shape: tuple[int, int], scale: float,
