@@ -7,7 +7,7 @@ export DO_NOT_TRACK := true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,5 +26,14 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
+bench: install
+	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/bench_map_head.py
+	$(BIN)/python bench/bench_extract.py
+	$(BIN)/python bench/bench_train_step.py
+
 clean:
 	rm -rf runs .pytest_cache
+
+# local stack (Ray head + MLflow server + S3 server on 127.0.0.1): cluster-up, cluster-down, submit-demo
+-include cluster/local.mk

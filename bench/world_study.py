@@ -274,10 +274,12 @@ def attribute_wins(emb: np.ndarray, data: WorldData, split: str = "test") -> dic
     return {k: 100.0 * float(np.mean(v)) for k, v in sorted(wins.items())}
 
 
-def run_study(wc: WorldConfig, mc: ModelConfig, verbose: bool = True, log_every: int = 0) -> dict:
-    """Render (cached), extract, train, evaluate; returns a flat dict of results."""
+def run_study(wc: WorldConfig, mc: ModelConfig, log_every: int = 0, use_cache: bool = True) -> dict:
+    """Render (cached unless use_cache=False), extract, train, evaluate; returns a flat dict of
+    results (keys <scorer>_<split>_ssr/_pa for scorer map, mean, head; seconds; win rates by
+    changed attribute; and the objects under keys starting with '_')."""
     torch.set_num_threads(mc.threads)
-    data = render_world(wc)
+    data = render_world(wc, use_cache)
     t0 = time.perf_counter()
     backbone, tokens, readouts = extract(data, mc)
     extract_s = time.perf_counter() - t0

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 
+from nearid.cluster import EndpointError, check_endpoints
 from nearid.config import ConfigError, add_config_args, dump_yaml, load_config
 from nearid.storage import Storage, StorageError
 
@@ -24,7 +25,8 @@ def parse(stage: str, description: str, argv=None, extra=None):
             cfg.run.root = os.path.abspath(cfg.run.root)
         storage = Storage.open(cfg.run.root, cfg.storage)
         storage.check()
-    except (ConfigError, StorageError, FileNotFoundError) as e:
+        check_endpoints(cfg)   # a dead Ray address or MLflow server: one clear error, not a hang
+    except (ConfigError, StorageError, EndpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     storage.write_bytes(f"config/{stage}.yaml", dump_yaml(cfg).encode())

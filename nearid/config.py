@@ -127,6 +127,7 @@ class TrainConfig(Strict):
     keep_top_k: int = Field(2, ge=1)
     max_failures: int = Field(1, ge=0)
     fast_head: bool = True
+    materialize: bool = True          # keep items in the object store across epochs (small data)
     seed: int = 0
 
 

@@ -1,6 +1,7 @@
 """Thin Ray glue shared by the stages: start/attach Ray, run a Ray Data pipeline into a table."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -11,6 +12,16 @@ WORKER_ENV = {"HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABL
               "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "NEARID_FAULT"}
 
 
+def _job_env_keys() -> set[str]:
+    """Env vars the runtime env of a submitted job already sets: Ray refuses a driver's
+    ray.init(runtime_env=...) that sets one of them again ("Failed to merge the Job's runtime env")."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return set(((json.loads(raw) or {}).get("runtime_env") or {}).get("env_vars") or {}) if raw else set()
+    except (ValueError, AttributeError):
+        return set()
+
+
 def init_ray(cfg=None):
     """Attach to a cluster (`ray job submit` sets RAY_ADDRESS) or start a local runtime."""
     import ray
@@ -18,7 +29,8 @@ def init_ray(cfg=None):
     if ray.is_initialized():
         return ray
     address = (cfg.ray.address if cfg is not None else None) or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    skip = _job_env_keys()   # inside `ray job submit`: the job's env already reaches every worker
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ and k not in skip}
     kwargs = dict(log_to_driver=True, ignore_reinit_error=True, runtime_env={"env_vars": env})
     if address:
         ray.init(address=address, **kwargs)

@@ -56,6 +56,11 @@ class Tracker:
 
     def __init__(self, uri: str | None, experiment: str, enabled: bool = True, retries: int = 3,
                  artifact_root: str | None = None):
+        # MLflow's own HTTP client retries for minutes with backoff; our retries are short and
+        # bounded, so a dead server costs seconds, not the run.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.uri, self.experiment, self.enabled, self.retries = uri, experiment, enabled, retries
         self.artifact_root = artifact_root
         self.run_id: str | None = None

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
 from nearid.config import Config, LossConfig, TrainConfig, config_to_dict, flatten
@@ -43,8 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 RUN_KEY = "_mlflow_run_id"          # trial config key holding the trial's MLflow child run
 DIST_KINDS = ("uniform", "loguniform", "int", "choice", "grid")
 SPACE_KEYS = {"searcher", "scheduler", "reports_per_epoch", "checkpoint", "evaluate_split",
-              "compare_losses", "seeds", "loss", "train", "params"}
+              "compare_losses", "seeds", "tie_break", "loss", "train", "params"}
 TUNABLE_TRAIN = {"lr", "weight_decay", "warmup_steps", "batch_size", "grad_clip", "n_distractors"}
+# Tie-break weight: below one SSR step (100 / rows) for validation sets of up to 10^4 rows.
+TIE_EPS = 1e-4
 
 
 class SpaceError(ValueError):
@@ -114,6 +117,7 @@ class SearchSpace:
     evaluate_split: str = "val"
     compare_losses: bool = False
     seeds: list[int] | None = None
+    tie_break: str | None = None
 
     def grid(self) -> list[dict]:
         """Every trial config of a grid search, in a fixed order (loss, seed, values)."""
@@ -178,6 +182,10 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
                               or not seeds):
         raise SpaceError(f"{p}: seeds must be a non-empty list of integers, got {seeds!r}")
     space.seeds = seeds
+    tie = data.get("tie_break")
+    if tie is not None and not isinstance(tie, str):
+        raise SpaceError(f"{p}: tie_break must be a reported metric name such as val_pa, got {tie!r}")
+    space.tie_break = tie
     for k, v in (data.get("train") or {}).items():
         if k not in TUNABLE_TRAIN:
             raise SpaceError(f"{p}: train.{k} cannot be tuned; tunable: {sorted(TUNABLE_TRAIN)}")
@@ -282,6 +290,36 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
+def tie_broken(result: dict | None, metric: str, tie_break: str | None, mode: str = "max") -> dict | None:
+    """The result with `metric` moved by TIE_EPS * tie_break towards "better" (the tie-break is a
+    higher-is-better metric such as val_pa, whatever the metric's mode).
+
+    SSR is all-or-nothing per row, so early in training every trial ties at 0 and neither ASHA
+    nor TPE can rank them; PA moves long before SSR does. The scheduler and the searcher see
+    this score; tables, MLflow and the reported metric stay the plain metric."""
+    if not result or not tie_break or result.get(metric) is None or result.get(tie_break) is None:
+        return result
+    sign = 1.0 if mode == "max" else -1.0
+    return {**result, metric: float(result[metric]) + sign * TIE_EPS * float(result[tie_break])}
+
+
+class TieBreakASHA(ASHAScheduler):
+    """ASHA ranking trials by `tie_broken` scores."""
+
+    def __init__(self, tie_break: str | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.tie_break = tie_break
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        return super().on_trial_result(tune_controller, trial, self._score(result))
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, self._score(result))
+
+    def _score(self, result: dict) -> dict:
+        return tie_broken(result, self._metric, self.tie_break, self._mode)
+
+
 # ---- searchers -----------------------------------------------------------------------------------
 class GridSearcher(Searcher):
     """Hands out a fixed list of configs in order (the ablation grid), then reports FINISHED."""
@@ -313,10 +351,11 @@ class ChildRunSearcher(Searcher):
     (it has `.searcher`) so Tune saves its state next to the inner searcher's."""
 
     def __init__(self, searcher: Searcher, tracking: dict, parent_run_id: str | None, sweep: str,
-                 base_cfg_json: str, max_t: int, metric: str, mode: str):
+                 base_cfg_json: str, max_t: int, metric: str, mode: str, tie_break: str | None = None):
         super().__init__(metric=metric, mode=mode)
         self.searcher, self.tracking, self.parent_run_id = searcher, tracking, parent_run_id
         self.sweep, self.base_cfg_json, self.max_t = sweep, base_cfg_json, max_t
+        self.tie_break = tie_break
         self.runs: dict[str, str] = {}
         self._client = None
 
@@ -357,10 +396,11 @@ class ChildRunSearcher(Searcher):
         return suggestion
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self.searcher.on_trial_result(trial_id, result)
+        self.searcher.on_trial_result(trial_id, tie_broken(result, self.metric, self.tie_break, self.mode))
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-        self.searcher.on_trial_complete(trial_id, result=result, error=error)
+        self.searcher.on_trial_complete(trial_id, result=tie_broken(result, self.metric, self.tie_break, self.mode),
+                                        error=error)
         run_id = self.runs.get(trial_id)
         if not run_id:
             return
@@ -511,26 +551,30 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
     else:
         tuner = _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name, max_t,
                            num_samples, storage)
+    t_fit = time.time()
     grid = tuner.fit()
-    summary = _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0)
+    fit_seconds = round(time.time() - t_fit, 1)
+    log.info("sweep %s: trials ran in %.1fs", name, fit_seconds)
+    summary = {**_summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0),
+               "fit_seconds": fit_seconds}
     storage.write_json(f"{report_rel}/summary.json", summary)
     return summary
 
 
 def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name, max_t, num_samples, storage):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     tc = base_cfg.tune
     inner = build_searcher(space, searcher_kind, tc.metric, tc.mode, base_cfg.run.seed, num_samples)
     tracking = {"uri": tracker.uri, "experiment": tracker.experiment, "enabled": tracker.enabled,
                 "retries": tracker.retries, "artifact_root": tracker.artifact_root}
     searcher = ChildRunSearcher(inner, tracking, parent, name, base_cfg.model_dump_json(), max_t,
-                                tc.metric, tc.mode)
+                                tc.metric, tc.mode, space.tie_break)
     if space.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                  grace_period=min(tc.grace_period, max_t),
-                                  reduction_factor=tc.reduction_factor)
+        scheduler = TieBreakASHA(tie_break=space.tie_break, time_attr="training_iteration", max_t=max_t,
+                                 grace_period=min(tc.grace_period, max_t),
+                                 reduction_factor=tc.reduction_factor)
     else:
         scheduler = FIFOScheduler()
     callbacks = [KillDriverAfterTrials(storage.path("tune", name))] \
@@ -541,7 +585,7 @@ def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name,
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, search_alg=searcher,
                                     scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=tc.max_concurrent_trials,
-                                    trial_dirname_creator=trial_dirname, reuse_actors=False),
+                                    trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=storage.uri("tune"), storage_filesystem=storage.fs,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=tc.metric,
@@ -552,12 +596,13 @@ def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name,
 
 
 # ---- after the sweep: evaluate, publish, tables, plot ------------------------------------------------
-def _pick_checkpoint(result, which: str, metric: str, mode: str):
+def _pick_checkpoint(result, which: str, metric: str, mode: str, tie_break: str | None):
     if which == "best":
-        pairs = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+        pairs = [(c, tie_broken(m, metric, tie_break, mode)[metric]) for c, m in (result.best_checkpoints or [])
+                 if m.get(metric) is not None]
         if pairs:
             pick = max if mode == "max" else min
-            return pick(pairs, key=lambda cm: cm[1][metric])[0]
+            return pick(pairs, key=lambda cs: cs[1])[0]
     return result.checkpoint
 
 
@@ -588,14 +633,19 @@ def _trial_rows(grid, cfg, base_cfg, storage, space, max_t) -> list[dict]:
         df = result.metrics_dataframe
         metrics = result.metrics or {}
         reports = int(metrics.get("training_iteration", 0))
-        best = float(df[tc.metric].max() if tc.mode == "max" else df[tc.metric].min()) \
-            if df is not None and tc.metric in df else math.nan
+        best, score = math.nan, math.nan
+        if df is not None and tc.metric in df and df[tc.metric].notna().any():
+            sign = 1.0 if tc.mode == "max" else -1.0
+            scores = df[tc.metric] + (sign * TIE_EPS * df[space.tie_break].fillna(0)
+                                      if space.tie_break and space.tie_break in df else 0)
+            best = float(df[tc.metric].max() if tc.mode == "max" else df[tc.metric].min())
+            score = float(scores.max() if tc.mode == "max" else scores.min())
         outcome = "error" if result.error else ("stopped_early" if reports < max_t else "completed")
-        ckpt = _pick_checkpoint(result, space.checkpoint, tc.metric, tc.mode)
+        ckpt = _pick_checkpoint(result, space.checkpoint, tc.metric, tc.mode, space.tie_break)
         ev = _evaluate_checkpoint(cfg, storage, ckpt, space.evaluate_split)
         rows.append({"trial": Path(result.path).name, "loss": hp.get("loss", base_cfg.train.loss.name),
                      "params": {k: v for k, v in hp.items() if k != "loss"},
-                     f"best_{tc.metric}": best, "reports": reports, "outcome": outcome,
+                     f"best_{tc.metric}": best, "score": score, "reports": reports, "outcome": outcome,
                      "run_id": config.get(RUN_KEY), "checkpoint": ckpt, "config": hp,
                      **{f"{space.evaluate_split}_{k}": v for k, v in ev.items()}})
     return rows
@@ -697,6 +747,7 @@ def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) ->
 
     tc = base_cfg.tune
     split = space.evaluate_split
+    t_eval = time.time()
     rows = _trial_rows(grid, cfg, base_cfg, storage, space, max_t)
     _log_child_results(tracker, rows, split, tc.metric)
     key = f"best_{tc.metric}"
@@ -706,11 +757,12 @@ def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) ->
         raise RuntimeError(f"sweep {name}: no trial reported {tc.metric}; errors: "
                            f"{[str(r.error)[:200] for r in grid if r.error]}")
     sign = 1 if tc.mode == "max" else -1
-    best = max(ranked, key=lambda r: (sign * r[key], r.get(f"{split}_pa", 0.0)))
+    best = max(ranked, key=lambda r: sign * r["score"])
     model_rel = f"models/{name}-best"
     _publish_model(best["checkpoint"], storage, model_rel)
     model_dir = storage.uri(model_rel)
     test = evaluate_model_dir(cfg, storage, model_dir, cfg.eval.split)
+    eval_seconds = round(time.time() - t_eval, 1)
     trials_df = trials_frame(rows, tc.metric, split)
     base = f"reports/{name}"
     storage.write_bytes(f"{base}/trials.csv", trials_df.to_csv(index=False).encode())
@@ -724,9 +776,8 @@ def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) ->
         storage.write_bytes(f"{base}/ablation.md", table_md.encode())
         tracker.log_text(table_md, "ablation.md")
         tracker.log_text(ab.to_csv(index=False), "ablation.csv")
-        for r in ab.itertuples(index=False):
-            tracker.log_metrics({f"ablation.{r.loss}.{c}": getattr(r, c.replace("-", "_"), math.nan)
-                                 for c in ("SSR", "PA")})
+        for r in ab.to_dict("records"):
+            tracker.log_metrics({f"ablation.{r['loss']}.{c}": r[c] for c in ("SSR", "PA", "M-O", "M-H")})
     fig = hparam_figure(rows, tc.metric)
     buf_path = storage.path(base, "hparams_vs_" + tc.metric + ".png") if not storage.is_s3 else None
     if buf_path:
@@ -753,7 +804,7 @@ def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) ->
                "model_dir": model_dir, "table_markdown": table_md, "trials_markdown": md,
                "trials": len(rows), "stopped_early": stopped, "errors": errors,
                "parent_run_id": tracker.run_id, "report_dir": storage.uri(base),
-               "seconds": round(time.time() - t0, 1)}
+               "eval_seconds": eval_seconds, "seconds": round(time.time() - t0, 1)}
     log.info("sweep %s: %d trials, %d stopped early, best %s = %.2f (%s)", name, len(rows), stopped,
              tc.metric, best[key], best["trial"])
     return summary

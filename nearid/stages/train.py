@@ -130,6 +130,9 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
     n_mtg = int(pc.sum(pc.starts_with(ids, "mtg:")).as_py() or 0)
     n_items = n_total - n_mtg
     ds = ray.data.read_parquet(storage.uri(items), filesystem=storage.fs)
+    if tc.materialize:
+        # small enough for the object store: read once, not once per epoch
+        ds = ds.materialize()
     run_name = run_name or f"{cfg.run.name}-train"
     run_id = None
     if tracker is not None:

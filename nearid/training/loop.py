@@ -262,7 +262,7 @@ def train_loop(config: dict) -> dict:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 tokens = token_source(batch, index)
                 b, m = index.shape
-                emb = ddp_head(tokens.reshape(b * m, *tokens.shape[2:])).float().reshape(b, m, -1)
+                emb = ddp_head(tokens.reshape(b * m, *tokens.shape[2:]), fast=tc.fast_head).float().reshape(b, m, -1)
             P = tc.n_positives
             out = loss_fn(emb[:, 0], emb[:, 1:1 + P], emb[:, 1 + P:],
                           pos_mask=torch.tensor(pos_mask, device=device),

@@ -1,0 +1,87 @@
+"""Sweep the synthetic world's distractor closeness dial and chart where identity discrimination
+breaks: SSR and PA on held-out identities for the frozen readouts (map, mean) and the trained head.
+
+    python bench/closeness_sweep.py --points 0,0.25,0.5,0.75,1 [--out runs/closeness] [world_study flags]
+
+Every point renders its own world (cached under /tmp/nearid_world_cache), extracts frozen tokens,
+trains a head with the given recipe and scores the test split. Writes closeness.csv and
+closeness.png (two panels: SSR, PA) into --out and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from world_study import add_flags, configs_from, run_study  # noqa: E402
+
+SCORERS = ("map", "mean", "head")
+
+
+def sweep(points: list[float], wc, mc) -> list[dict]:
+    """One result row per closeness value: {closeness, <scorer>_ssr, <scorer>_pa, train_s}."""
+    rows = []
+    for c in points:
+        r = run_study(replace(wc, closeness=float(c)), mc)
+        row = {"closeness": float(c), "train_s": r["train_s"], "head_train_ssr": r["head_train_ssr"]}
+        for s in SCORERS:
+            row[f"{s}_ssr"], row[f"{s}_pa"] = r[f"{s}_test_ssr"], r[f"{s}_test_pa"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    """closeness.csv and closeness.png (SSR and PA against closeness, one line per scorer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = out / "closeness.csv", out / "closeness.png"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    x = [r["closeness"] for r in rows]
+    labels = {"map": "frozen map", "mean": "frozen mean", "head": "trained NearID head"}
+    for ax, metric in zip(axes, ("ssr", "pa")):
+        for s in SCORERS:
+            ax.plot(x, [r[f"{s}_{metric}"] for r in rows], marker="o", label=labels[s])
+        ax.set_xlabel("distractor closeness (0 = bold changes, 1 = subtle)")
+        ax.set_ylabel(f"test {metric.upper()} (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(parser)
+    parser.add_argument("--points", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--out", default="runs/closeness")
+    args = parser.parse_args(argv)
+    wc, mc = configs_from(args)
+    rows = sweep([float(p) for p in args.points.split(",")], wc, mc)
+    csv_path, png_path = write_outputs(rows, Path(args.out))
+    print("| closeness | map SSR | mean SSR | head SSR | map PA | mean PA | head PA | head train SSR |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['closeness']} | {r['map_ssr']} | {r['mean_ssr']} | {r['head_ssr']} | {r['map_pa']} | "
+              f"{r['mean_pa']} | {r['head_pa']} | {r['head_train_ssr']} |")
+    print(f"wrote {csv_path} and {png_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

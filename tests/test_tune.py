@@ -1,0 +1,299 @@
+"""Ray Tune sweeps (tune/sweep.py): search spaces, tie-broken ASHA, MLflow parent/child runs,
+resume after a killed driver, and the loss ablation table.
+
+Fast tests check the pure parts with hand-computed answers. The slow ones share one tiny world
+(36 identities, built once) on the session's local Ray and real MLflow (SQLite).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+
+from nearid.config import load_config
+from nearid.storage import Storage
+from tune.sweep import (GridSearcher, DefineByRun, SpaceError, TieBreakASHA, ablation_frame, apply_trial,
+                        effective_params, load_space, plan_reports, recorded_trials, tie_broken)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["synth.n_identities=36", "synth.n_mtg=6", "synth.n_graded=4", "generate.validate_sample=20",
+         "synth.split={train: 0.6, val: 0.2, test: 0.2}", "train.epochs=2", "train.batch_size=16",
+         "train.warmup_steps=2", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=0.5",
+         "tune.grace_period=1", "tune.reduction_factor=2"]
+
+
+def cfg_for(root, *extra):
+    return load_config(ROOT / "configs/local.yaml", [f"run.root={root}", *SMALL, *extra])
+
+
+def argv_for(root, *extra):
+    out = ["--config", str(ROOT / "configs/local.yaml"), "--set", f"run.root={root}"]
+    for s in [*SMALL, *extra]:
+        out += ["--set", s]
+    return out
+
+
+def write_space(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ---- fast: the pure parts ------------------------------------------------------------------------
+def test_plan_reports_mirrors_the_training_loop_schedule():
+    cfg = load_config(None, ["train.batch_size=16", "train.epochs=2"])
+    # 46 items / 16 = 2 steps per epoch, 2 per epoch wanted -> validate every step: 4 reports
+    assert plan_reports(46, cfg.train, 2) == (1, 4)
+    # 80 items -> 5 steps/epoch, validate every 2, checkpoint every 5, 10 steps: 2,4,5,6,8,10
+    assert plan_reports(80, cfg.train, 2) == (2, 6)
+    cfg8 = load_config(None, ["train.batch_size=64", "train.epochs=8"])
+    # 800 items -> 12 steps/epoch, every 6 steps over 96 steps
+    assert plan_reports(800, cfg8.train, 2) == (6, 16)
+
+
+def test_apply_trial_sets_loss_params_and_train_fields():
+    base = load_config(None, ["train.loss.params={temperature: 0.05, alpha: 0.3}"])
+    out = apply_trial(base, {"loss": "nearid", "nearid.alpha": 0.9, "train.lr": 0.002})
+    assert out.train.loss.name == "nearid"
+    assert out.train.loss.params == {"temperature": 0.05, "alpha": 0.9}
+    assert out.train.lr == 0.002 and base.train.lr == 1e-4  # the base is untouched
+    # the base params belong to the base loss: circle starts from its own defaults
+    circle = apply_trial(base, {"loss": "circle", "circle.margin": 0.3, "train.seed": 7})
+    assert circle.train.loss.params == {"margin": 0.3} and circle.train.seed == 7
+    eff = effective_params(base, {"loss": "circle", "circle.margin": 0.3})
+    assert eff["loss"] == "circle" and eff["loss.margin"] == 0.3 and eff["loss.gamma"] == 64.0
+    assert "loss.alpha" not in eff
+    with pytest.raises(ValueError, match="alpha"):
+        apply_trial(base, {"loss": "triplet", "triplet.alpha": 0.5})
+
+
+def test_load_space_rejects_bad_files_naming_the_key(tmp_path):
+    good = load_space(ROOT / "tune/spaces/default.yaml")
+    assert good.losses == ["nearid", "infonce", "circle_ranking"] and good.tie_break == "val_pa"
+    cases = {
+        "loss: {choice: [nearid, focal]}": "focal",
+        "loss: {choice: [triplet]}\nparams: {triplet: {alpha: 0.5}}": "params.triplet.alpha",
+        "loss: {choice: [nearid]}\ntrain: {lr: {loguniform: [0.0, 1.0]}}": "train.lr.loguniform",
+        "loss: {choice: [nearid]}\ntrain: {epochs: 3}": "train.epochs",
+        "loss: {choice: [nearid]}\nschedular: asha": "schedular",
+        "loss: {grid: [nearid, infonce]}\nsearcher: optuna": "searcher: grid",
+        "loss: {choice: [nearid]}\nparams: {nearid: {alpha: {uniform: [1, 0]}}}": "low < high",
+    }
+    for i, (text, needle) in enumerate(cases.items()):
+        with pytest.raises(SpaceError, match=needle.replace("[", r"\[")):
+            load_space(write_space(tmp_path / f"s{i}.yaml", text))
+
+
+def test_define_by_run_samples_only_the_chosen_loss_parameters():
+    import optuna
+
+    space = load_space(ROOT / "tune/spaces/default.yaml")
+    define = DefineByRun(space)
+    # FixedTrial raises for any parameter it was not given: asking for another loss's
+    # temperature (or circle's margin) would fail here
+    trial = optuna.trial.FixedTrial({"loss": "infonce", "train.lr": 1e-3, "infonce.temperature": 0.05})
+    assert define(trial) == {}
+    assert trial.params == {"loss": "infonce", "train.lr": 1e-3, "infonce.temperature": 0.05}
+    with pytest.raises(ValueError):
+        define(optuna.trial.FixedTrial({"loss": "nearid", "train.lr": 1e-3, "nearid.temperature": 0.05}))
+
+
+def test_ablation_grid_and_table():
+    space = load_space(ROOT / "tune/spaces/loss_ablation.yaml")
+    grid = space.grid()
+    assert [p["loss"] for p in grid] == ["nearid", "infonce", "circle", "circle_ranking", "triplet",
+                                         "siglip", "arcface"]
+    assert all(p["train.seed"] == 0 and len(p) == 2 for p in grid)
+    rows = [{"loss": "infonce", "test_ssr": 10.0, "test_pa": 40.0, "test_m_o": 0.2, "test_m_h": 0.5},
+            {"loss": "nearid", "test_ssr": 20.0, "test_pa": 50.0, "test_m_o": 0.4, "test_m_h": 0.1},
+            {"loss": "infonce", "test_ssr": 30.0, "test_pa": 60.0, "test_m_o": 0.0, "test_m_h": 0.3}]
+    table = ablation_frame(rows, "test")
+    assert list(table["loss"]) == ["infonce", "nearid"]
+    first = table.iloc[0]
+    assert (first["SSR"], first["PA"], first["M-O"], first["M-H"], first["seeds"]) == \
+        pytest.approx((20.0, 50.0, 0.1, 0.4, 2))
+
+
+def test_grid_searcher_hands_out_points_then_finishes_and_restores(tmp_path):
+    g = GridSearcher([{"loss": "nearid"}, {"loss": "infonce"}], "val_ssr", "max")
+    assert g.suggest("t1") == {"loss": "nearid"}
+    g.save(str(tmp_path / "state.json"))
+    assert g.suggest("t2") == {"loss": "infonce"}
+    assert g.suggest("t3") == GridSearcher.FINISHED
+    fresh = GridSearcher([], "val_ssr", "max")
+    fresh.restore(str(tmp_path / "state.json"))
+    assert fresh.suggest("t2") == {"loss": "infonce"}
+
+
+def test_tie_break_lets_asha_rank_trials_that_tie_on_ssr():
+    assert tie_broken({"val_ssr": 0.0, "val_pa": 20.0}, "val_ssr", "val_pa")["val_ssr"] == pytest.approx(0.002)
+    assert tie_broken({"loss": 3.0, "val_pa": 10.0}, "loss", "val_pa", "min")["loss"] == pytest.approx(2.999)
+    assert tie_broken({"val_ssr": 5.0}, "val_ssr", None) == {"val_ssr": 5.0}
+
+    def decisions(tie_break):
+        sched = TieBreakASHA(tie_break=tie_break, time_attr="training_iteration", max_t=4,
+                             grace_period=1, reduction_factor=2)
+        sched.set_search_properties("val_ssr", "max")
+        out = []
+        for tid, pa in (("a", 10.0), ("b", 5.0)):
+            trial = SimpleNamespace(trial_id=tid)
+            sched.on_trial_add(None, trial)
+            out.append(sched.on_trial_result(None, trial, {"training_iteration": 1, "val_ssr": 0.0,
+                                                           "val_pa": pa}))
+        return out
+
+    assert decisions(None) == ["CONTINUE", "CONTINUE"]       # a tie at SSR 0: no information
+    assert decisions("val_pa") == ["CONTINUE", "STOP"]       # b's PA is below the rung's median
+
+
+# ---- slow: real sweeps on a tiny world ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    from jobs import pipeline
+    from nearid.stages.train import build_items, train_settings
+
+    root = tmp_path_factory.mktemp("tune_world")
+    pipeline.main(argv_for(root) + ["--stages", "synth", "generate", "extract"])
+    cfg, storage = cfg_for(root), Storage.open(str(root))
+    settings = train_settings(cfg, storage)
+    build_items(ray_local, cfg, storage, "train", settings, cfg.train.mtg_repeat)
+    build_items(ray_local, cfg, storage, "val", settings, 0)
+    return root
+
+
+def mlflow_runs(root, name):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name("nearid-local")
+    parents = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{name}'")
+    assert len(parents) == 1, f"expected one parent run named {name}"
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return client, parent, children
+
+
+def result_lines(trial_dir: Path) -> int:
+    return sum(1 for line in (trial_dir / "result.json").read_text().splitlines() if line.strip())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, ray_local):
+    from nearid.model import NearIDModel
+    from tune.sweep import run_sweep
+
+    # On this 36-identity world every trial's val SSR and PA are flat after 4 steps, so ASHA
+    # would see ties only; ranking by the training loss exercises its early stopping instead.
+    cfg = cfg_for(world, "tune.num_samples=6", "tune.metric=loss", "tune.mode=min")
+    storage = Storage.open(str(world))
+    summary = run_sweep(cfg, storage, ray_local, "tune/spaces/default.yaml", name="asha")
+    assert summary["trials"] == 6 and summary["errors"] == 0
+    assert summary["stopped_early"] >= 1
+    trials = pd.read_csv(world / "reports/asha/trials.csv")
+    assert len(trials) == 6 and set(trials["loss"]) <= {"nearid", "infonce", "circle_ranking"}
+    max_t = plan_reports(storage.read_json("items_tokens_train/_SUCCESS.json")["rows"],
+                         apply_trial(cfg, {}).train, 2)[1]
+    stopped = trials[trials["outcome"] == "stopped_early"]
+    assert len(stopped) == summary["stopped_early"] and (stopped["reports"] < max_t).all()
+    for tid, reports in zip(trials["trial"], trials["reports"]):
+        assert result_lines(world / "tune/asha" / tid) == reports
+    model = NearIDModel.from_pretrained(summary["model_dir"])
+    assert model.embedding_dim == 64
+    assert summary["best_config"]["loss"] in {"nearid", "infonce", "circle_ranking"}
+
+    client, parent, children = mlflow_runs(world, "asha")
+    assert parent.info.status == "FINISHED" and parent.data.tags["model_dir"] == summary["model_dir"]
+    assert parent.data.params["best.loss"] == summary["best_config"]["loss"]
+    assert parent.data.metrics["stopped_early"] == summary["stopped_early"]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.md", "trials.csv", "search_space.yaml", "plots"} <= arts
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/hparams_vs_loss.png"]
+    assert len(children) == 6
+    by_trial = {c.data.tags["tune.trial_id"]: c for c in children}
+    assert set(by_trial) == set(trials["trial"])
+    for row in trials.itertuples():
+        child = by_trial[row.trial]
+        assert child.info.status == "FINISHED" and child.data.tags["tune.outcome"] == row.outcome
+        assert child.data.params["loss"] == row.loss and "train.lr" in child.data.params
+        assert ("loss.alpha" in child.data.params) == (row.loss != "infonce")
+        history = client.get_metric_history(child.info.run_id, "val_ssr")
+        assert len(history) == row.reports
+        assert "final.val_pa" in child.data.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tmp_path, ray_local):
+    from tune.sweep import run_sweep
+
+    space = write_space(tmp_path / "resume.yaml", (
+        "searcher: random\nscheduler: none\ncheckpoint: last\n"
+        "loss: {choice: [nearid, infonce]}\ntrain: {lr: {loguniform: [1.0e-4, 3.0e-3]}}\n"))
+    extra = ["tune.num_samples=4"]
+    env = {**os.environ, "NEARID_FAULT": "tune:kill_driver_after_trials:2", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", *argv_for(world, *extra), "--space", str(space),
+                             "--name", "resume"], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rc = proc.wait(timeout=400)
+    finally:
+        try:  # the killed driver's own local Ray goes with it
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc == 137
+    exp = world / "tune/resume"
+    before = recorded_trials(str(exp))
+    finished = {t for t, s in before.items() if s == "TERMINATED"}
+    assert len(finished) >= 2 and not (world / "reports/resume/summary.json").exists()
+    snapshot = {t: (result_lines(exp / t), sorted(p.name for p in (exp / t).iterdir())) for t in finished}
+
+    summary = run_sweep(cfg_for(world, *extra), Storage.open(str(world)), ray_local, str(space), name="resume")
+    assert summary["trials"] == 4 and summary["errors"] == 0
+    after = recorded_trials(str(exp))
+    assert set(after) >= set(before) and len(after) == 4
+    assert all(s == "TERMINATED" for s in after.values())
+    for t, (lines, files) in snapshot.items():  # finished trials: no new results, files or sessions
+        assert (result_lines(exp / t), sorted(p.name for p in (exp / t).iterdir())) == (lines, files)
+    for t in after:
+        assert result_lines(exp / t) == 4  # every trial ran its full budget exactly once
+    client, parent, children = mlflow_runs(world, "resume")
+    assert parent.data.tags.get("tune.resumed") == "true" and parent.info.status == "FINISHED"
+    assert sorted(c.data.tags["tune.trial_id"] for c in children) == sorted(after)
+    assert all(c.info.status == "FINISHED" for c in children)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_loss_ablation_grid_writes_the_comparison_table(world, ray_local):
+    from tune.sweep import evaluate_model_dir, run_sweep
+
+    cfg = cfg_for(world, "tune.epochs=1")
+    storage = Storage.open(str(world))
+    summary = run_sweep(cfg, storage, ray_local, "tune/spaces/loss_ablation.yaml", name="ablation")
+    losses = ["nearid", "infonce", "circle", "circle_ranking", "triplet", "siglip", "arcface"]
+    assert summary["trials"] == 7 and summary["stopped_early"] == 0 and summary["errors"] == 0
+    table = pd.read_csv(world / "reports/ablation/ablation.csv")
+    assert list(table["loss"]) == losses and list(table.columns) == ["loss", "SSR", "PA", "M-O", "M-H", "seeds"]
+    assert table["SSR"].between(0, 100).all() and table["PA"].between(0, 100).all()
+    assert table["M-H"].notna().all() and (table["seeds"] == 1).all()
+    md = (world / "reports/ablation/ablation.md").read_text()
+    assert md == summary["table_markdown"] and all(f"| {loss} |" in md for loss in losses)
+    # the nearid row is the test-split evaluation of the nearid trial's last checkpoint
+    trials = pd.read_csv(world / "reports/ablation/trials.csv")
+    tid = trials.loc[trials["loss"] == "nearid", "trial"].item()
+    last = sorted((world / "tune/ablation" / tid).glob("checkpoint_*"))[-1]
+    direct = evaluate_model_dir(cfg, storage, str(last), "test")
+    row = table.set_index("loss").loc["nearid"]
+    assert (row["SSR"], row["PA"]) == pytest.approx((direct["ssr"], direct["pa"]))
+    client, parent, children = mlflow_runs(world, "ablation")
+    assert len(children) == 7 and {c.data.params["loss"] for c in children} == set(losses)
+    assert {"ablation.md", "ablation.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert math.isclose(parent.data.metrics["ablation.nearid.SSR"], row["SSR"])
