@@ -34,9 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 STACK_FILE = "stack.json"
 STACK_ID_ENV = "NEARID_STACK_ID"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Never uploaded with `--working-dir .`: the venv (GBs), run outputs, git history, caches.
-WORKING_DIR_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache",
-                        "mlruns", "mlartifacts"]
+RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
+
+
+def working_dir_excludes() -> list[str]:
+    """What `--working-dir .` never uploads (the venv, run outputs, .git): cluster/runtime_env.yaml."""
+    return list(yaml.safe_load(RUNTIME_ENV_FILE.read_text())["excludes"])
 
 
 class StackError(RuntimeError):
@@ -228,6 +231,29 @@ def _write_state(state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def stack_commands(cfg: StackConfig, state_dir: Path, ports: dict[str, int],
+                   token_path: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """name -> (command, extra env) of each server; every one binds `cfg.host` (127.0.0.1)."""
+    host = cfg.host
+    return {
+        "s3": ([_bin("moto_server"), "-H", host, "-p", str(ports["s3"])], {}),
+        "mlflow": ([_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state_dir}/mlflow.db",
+                    "--host", host, "--port", str(ports["mlflow"]), "--workers", "1",
+                    "--serve-artifacts", "--artifacts-destination", str(state_dir / "mlartifacts")],
+                   {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
+        # --block keeps `ray start` as the parent of every Ray process, so `down` finds them all.
+        "ray": ([_bin("ray"), "start", "--head", "--block", f"--node-ip-address={host}",
+                 f"--dashboard-host={host}", f"--port={ports['gcs']}",
+                 f"--dashboard-port={ports['dashboard']}",
+                 f"--ray-client-server-port={ports['client_server']}",
+                 f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
+                 f"--num-cpus={cfg.ray.num_cpus}",
+                 f"--object-store-memory={cfg.ray.object_store_memory_mb * 1024 ** 2}",
+                 f"--temp-dir={cfg.ray.temp_dir}", "--disable-usage-stats"],
+                {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}),
+    }
+
+
 # ---- start / stop ---------------------------------------------------------------------------------
 def start_stack(cfg: StackConfig, cwd: str | os.PathLike = ".", timeout: float = 120.0) -> dict[str, Any]:
     """Start S3 (moto), MLflow and a Ray head on 127.0.0.1, wait until each answers, create the
@@ -262,23 +288,7 @@ def start_stack(cfg: StackConfig, cwd: str | os.PathLike = ".", timeout: float =
         "s3": {"bucket": cfg.s3.bucket, "region": cfg.s3.region},
         "ray_auth_token_path": str(token_path), "processes": {}, "ready": False,
     }
-    cmds = {
-        "s3": ([_bin("moto_server"), "-H", host, "-p", str(ports["s3"])], {}),
-        "mlflow": ([_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state_dir}/mlflow.db",
-                    "--host", host, "--port", str(ports["mlflow"]), "--workers", "1",
-                    "--serve-artifacts", "--artifacts-destination", str(state_dir / "mlartifacts")],
-                   {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
-        # --block keeps `ray start` as the parent of every Ray process, so `down` finds them all.
-        "ray": ([_bin("ray"), "start", "--head", "--block", f"--node-ip-address={host}",
-                 f"--dashboard-host={host}", f"--port={ports['gcs']}",
-                 f"--dashboard-port={ports['dashboard']}",
-                 f"--ray-client-server-port={ports['client_server']}",
-                 f"--dashboard-agent-listen-port={ports['dashboard_agent']}",
-                 f"--num-cpus={cfg.ray.num_cpus}",
-                 f"--object-store-memory={cfg.ray.object_store_memory_mb * 1024 ** 2}",
-                 f"--temp-dir={cfg.ray.temp_dir}", "--disable-usage-stats"],
-                {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}),
-    }
+    cmds = stack_commands(cfg, state_dir, ports, token_path)
     procs: dict[str, subprocess.Popen] = {}
     try:
         for name, (cmd, extra) in cmds.items():
@@ -299,7 +309,12 @@ def start_stack(cfg: StackConfig, cwd: str | os.PathLike = ".", timeout: float =
         state["ready"] = True
         _write_state(state)
     except BaseException:
-        stop_stack(state_dir)
+        if state["processes"]:
+            _write_state(state)
+            try:
+                stop_stack(state_dir)
+            except StackError as e:   # keep the start-up error; say what is left behind
+                print(f"warning: cleaning up the half-started stack: {e}", file=sys.stderr)
         raise
     return state
 
@@ -422,7 +437,7 @@ def job_runtime_env(cfg: StackConfig, working_dir: str | os.PathLike | None = No
     `working_dir`, the repo upload (minus the venv, run outputs and .git)."""
     env = {"AWS_ACCESS_KEY_ID": cfg.s3.access_key_id, "AWS_SECRET_ACCESS_KEY": cfg.s3.secret_access_key,
            "AWS_DEFAULT_REGION": cfg.s3.region, **cfg.demo.env_vars}
-    rt: dict[str, Any] = {"env_vars": env, "excludes": list(WORKING_DIR_EXCLUDES)}
+    rt: dict[str, Any] = {"env_vars": env, "excludes": working_dir_excludes()}
     if working_dir is not None:
         rt["working_dir"] = str(working_dir)
     return rt

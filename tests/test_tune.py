@@ -47,14 +47,17 @@ def write_space(path: Path, text: str) -> Path:
 
 # ---- fast: the pure parts ------------------------------------------------------------------------
 def test_plan_reports_mirrors_the_training_loop_schedule():
-    cfg = load_config(None, ["train.batch_size=16", "train.epochs=2"])
-    # 46 items / 16 = 2 steps per epoch, 2 per epoch wanted -> validate every step: 4 reports
+    cfg = load_config(None, ["train.batch_size=16", "train.epochs=2", "train.val_every_steps=50"])
+    # 46 items / 16 = 2 steps per epoch, 2 reports per epoch wanted -> every step: 4 reports
+    # (the sweep owns the cadence: val_every_steps=50 is overridden)
     assert plan_reports(46, cfg.train, 2) == (1, 4)
-    # 80 items -> 5 steps/epoch, validate every 2, checkpoint every 5, 10 steps: 2,4,5,6,8,10
-    assert plan_reports(80, cfg.train, 2) == (2, 6)
-    cfg8 = load_config(None, ["train.batch_size=64", "train.epochs=8"])
-    # 800 items -> 12 steps/epoch, every 6 steps over 96 steps
-    assert plan_reports(800, cfg8.train, 2) == (6, 16)
+    # 80 items -> 5 steps/epoch, every 2 steps over 10 steps: 2, 4, 6, 8, 10
+    assert plan_reports(80, cfg.train, 2) == (2, 5)
+    cfg.train.epochs = 3  # 15 steps: 2, 4, ..., 14 and the last step 15
+    assert plan_reports(80, cfg.train, 2) == (2, 8)
+    cfg30 = load_config(None, ["train.batch_size=64", "train.epochs=30"])
+    # 800 items -> 12 steps/epoch, one report per epoch over 360 steps
+    assert plan_reports(800, cfg30.train, 1) == (12, 30)
 
 
 def test_apply_trial_sets_loss_params_and_train_fields():
@@ -185,19 +188,23 @@ def result_lines(trial_dir: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, ray_local):
+def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, tmp_path, ray_local):
     from nearid.model import NearIDModel
     from tune.sweep import run_sweep
 
     # On this 36-identity world every trial's val SSR and PA are flat after 4 steps, so ASHA
-    # would see ties only; ranking by the training loss exercises its early stopping instead.
-    cfg = cfg_for(world, "tune.num_samples=6", "tune.metric=loss", "tune.mode=min")
+    # would only see ties. Ranking by the training loss, with the three circle trials (loss
+    # ~100) queued after the three infonce ones (~5-10), makes ASHA's first rung stop them.
+    space = write_space(tmp_path / "asha.yaml", (
+        "searcher: grid\nscheduler: asha\nreports_per_epoch: 2\n"
+        "loss: {grid: [infonce, circle]}\ntrain: {lr: {grid: [1.0e-3, 2.0e-3, 3.0e-3]}}\n"))
+    cfg = cfg_for(world, "tune.metric=loss", "tune.mode=min")
     storage = Storage.open(str(world))
-    summary = run_sweep(cfg, storage, ray_local, "tune/spaces/default.yaml", name="asha")
+    summary = run_sweep(cfg, storage, ray_local, str(space), name="asha")
     assert summary["trials"] == 6 and summary["errors"] == 0
-    assert summary["stopped_early"] >= 1
     trials = pd.read_csv(world / "reports/asha/trials.csv")
-    assert len(trials) == 6 and set(trials["loss"]) <= {"nearid", "infonce", "circle_ranking"}
+    assert list(trials["loss"]) == ["infonce"] * 3 + ["circle"] * 3
+    assert summary["stopped_early"] >= 2 and set(trials.loc[trials["outcome"] == "stopped_early", "loss"]) == {"circle"}
     max_t = plan_reports(storage.read_json("items_tokens_train/_SUCCESS.json")["rows"],
                          apply_trial(cfg, {}).train, 2)[1]
     stopped = trials[trials["outcome"] == "stopped_early"]
@@ -206,7 +213,7 @@ def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, ray_l
         assert result_lines(world / "tune/asha" / tid) == reports
     model = NearIDModel.from_pretrained(summary["model_dir"])
     assert model.embedding_dim == 64
-    assert summary["best_config"]["loss"] in {"nearid", "infonce", "circle_ranking"}
+    assert summary["best_config"]["loss"] == "infonce"
 
     client, parent, children = mlflow_runs(world, "asha")
     assert parent.info.status == "FINISHED" and parent.data.tags["model_dir"] == summary["model_dir"]
@@ -222,7 +229,7 @@ def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, ray_l
         child = by_trial[row.trial]
         assert child.info.status == "FINISHED" and child.data.tags["tune.outcome"] == row.outcome
         assert child.data.params["loss"] == row.loss and "train.lr" in child.data.params
-        assert ("loss.alpha" in child.data.params) == (row.loss != "infonce")
+        assert ("loss.gamma" in child.data.params) == (row.loss == "circle")
         history = client.get_metric_history(child.info.run_id, "val_ssr")
         assert len(history) == row.reports
         assert "final.val_pa" in child.data.metrics

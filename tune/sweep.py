@@ -2,8 +2,10 @@
 
 `run_sweep(cfg, storage, ray, space_path=None, name=None)` reads a search space YAML
 (tune/spaces/*.yaml), then runs one plain function trainable per trial: the same `train_loop` as
-`jobs/train.py`, on the cached features, reporting val_ssr / val_pa (with a checkpoint) at every
-validation so ASHA sees intermediate results. Optuna (TPE or random) or a fixed grid proposes.
+`jobs/train.py`, on the cached features, reporting val_ssr / val_pa (with a checkpoint) several
+times per epoch so ASHA sees intermediate results. Optuna (TPE or random) or a fixed grid
+proposes; ties in the metric (SSR is all-or-nothing per row, so early trials tie at 0) are broken
+by a second metric (`tie_break: val_pa`) for ASHA and TPE only.
 
 MLflow: one parent run per sweep and one child run per trial. Child runs are created, given
 their params and closed on the driver (by `ChildRunSearcher`), so SQLite sees a single writer for
@@ -29,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 from ray.tune import Callback
@@ -276,14 +277,15 @@ def run_trial(config: dict, base: dict) -> None:
 
 
 def plan_reports(n_items: int, train: TrainConfig, reports_per_epoch: int) -> tuple[int, int]:
-    """(val_every_steps, reports per trial) for a single-process trial, mirroring train_loop's
-    schedule: a report at every validation, every checkpoint and the last step."""
+    """(steps between reports, reports per trial) for a single-process trial.
+
+    The sweep owns the cadence: trials validate and checkpoint every `reports_per_epoch`-th of an
+    epoch (train.val_every_steps / checkpoint_every_steps are overridden), and train_loop also
+    reports at the last step."""
     steps_per_epoch = max(1, n_items // max(2, train.batch_size))
     total = steps_per_epoch * train.epochs
-    val_every = train.val_every_steps or max(1, steps_per_epoch // reports_per_epoch)
-    ckpt_every = train.checkpoint_every_steps or steps_per_epoch
-    n = sum(1 for s in range(1, total + 1) if s % val_every == 0 or s % ckpt_every == 0 or s == total)
-    return val_every, n
+    every = max(1, steps_per_epoch // reports_per_epoch)
+    return every, total // every + (1 if total % every else 0)
 
 
 def trial_dirname(trial) -> str:
@@ -516,6 +518,7 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
     base_cfg.train.use_gpu = tc.gpus_per_trial > 0
     val_every, max_t = plan_reports(n_items, base_cfg.train, space.reports_per_epoch)
     base_cfg.train.val_every_steps = val_every
+    base_cfg.train.checkpoint_every_steps = val_every
     points = space.grid() if searcher_kind == "grid" else None
     num_samples = len(points) if points is not None else tc.num_samples
 
@@ -543,7 +546,7 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
             "val_items": val_items, "n_items": n_items, "tracking_uri": tracker.uri}
     resources = {"cpu": tc.cpus_per_trial, "gpu": tc.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), resources)
-    exp_path = storage.uri("tune", name)
+    exp_path = storage.path("tune", name)  # with storage_filesystem Ray wants the scheme-less path
     if tune.Tuner.can_restore(exp_path, storage_filesystem=storage.fs):
         log.info("resuming sweep %s from %s", name, exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
@@ -587,7 +590,7 @@ def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name,
                                     max_concurrent_trials=tc.max_concurrent_trials,
                                     trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage.uri("tune"), storage_filesystem=storage.fs,
+            name=name, storage_path=storage.path("tune"), storage_filesystem=storage.fs,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=tc.metric,
                                                     checkpoint_score_order=tc.mode),
             failure_config=tune.FailureConfig(max_failures=base_cfg.train.max_failures),

@@ -40,8 +40,6 @@ class _ToItemRows:
         if "error" in t.column_names:
             t = t.filter(pc.equal(t["error"], ""))
         t = t.filter(pc.equal(t["split"], self.split))
-        if t.num_rows == 0:
-            return t.select([*FEATURE_COLS, self.payload])
         is_mtg = pc.equal(t["source"], "mtg")
         mtg = t.filter(is_mtg)
         rest = t.filter(pc.invert(is_mtg))
@@ -51,14 +49,20 @@ class _ToItemRows:
             parts.append(mtg_as_rows(mtg.select([*FEATURE_COLS, self.payload])))
         out = pa.concat_tables(parts)
         if self.payload == "tokens":
-            # Ray's hash shuffle cannot build empty tensor-extension columns: flatten to a plain
-            # fixed-size list for the shuffle; group_items restores the [T, D] shape.
-            col = out["tokens"].combine_chunks()
-            flat = col.storage if isinstance(col, pa.ExtensionArray) else col
-            n = int(np.prod(col.type.shape)) if isinstance(col, pa.ExtensionArray) else flat.type.list_size
-            out = out.set_column(out.schema.get_field_index("tokens"), "tokens",
-                                 pa.FixedSizeListArray.from_arrays(flat.flatten(), n))
+            out = _flatten_tokens(out)
         return out
+
+
+def _flatten_tokens(t: pa.Table) -> pa.Table:
+    """Ray's hash shuffle cannot build empty tensor-extension columns: flatten the tokens to a
+    plain fixed-size list for the shuffle; group_items restores the [T, D] shape."""
+    col = t["tokens"]
+    if isinstance(col.type, pa.FixedShapeTensorType):
+        n = int(np.prod(col.type.shape))
+        plain = pa.list_(pa.float16(), n)
+        col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(c.storage.flatten(), n)
+                                for c in col.chunks if len(c)], type=plain)
+    return t.set_column(t.schema.get_field_index("tokens"), "tokens", col)
 
 
 def _grouper(sources: list[str], payload: str, token_shape, mtg_repeat: int):
