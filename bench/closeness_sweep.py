@@ -80,7 +80,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"| {r['closeness']} | {r['map_ssr']} | {r['mean_ssr']} | {r['head_ssr']} | {r['map_pa']} | "
               f"{r['mean_pa']} | {r['head_pa']} | {r['head_train_ssr']} |")
     print(f"wrote {csv_path} and {png_path}")
+    _log_to_mlflow(rows, png_path, Path(args.out), vars(args))
     return rows
+
+
+def _log_to_mlflow(rows: list[dict], png_path: Path, out: Path, flags: dict) -> None:
+    """One MLflow run: the flags as params, one step per closeness point, the chart as artifact."""
+    from nearid.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{out.resolve()}/mlflow.db", "nearid-closeness")
+    with tracker.run("closeness-sweep", tags={"stage": "closeness"}):
+        tracker.log_params({k: v for k, v in flags.items() if v is not None})
+        for i, r in enumerate(rows):
+            tracker.log_metrics({k: v for k, v in r.items()}, step=i)
+        tracker.log_artifact(png_path, "plots")
+    print(f"MLflow: {tracker.ui_hint()}")
 
 
 if __name__ == "__main__":

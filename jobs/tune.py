@@ -10,11 +10,12 @@ same --name resumes an interrupted sweep from <root>/tune/<name>.
 from __future__ import annotations
 
 import json
+import sys
 
 from jobs._common import parse
 from nearid.raytools import init_ray
 from nearid.tracking import Tracker
-from tune.sweep import run_sweep
+from tune.sweep import SweepInterrupted, run_sweep
 
 
 def _extra(p):
@@ -25,7 +26,11 @@ def _extra(p):
 def main(argv=None) -> dict:
     args, cfg, storage = parse("tune", __doc__, argv, _extra)
     ray = init_ray(cfg)
-    summary = run_sweep(cfg, storage, ray, space_path=args.space, name=args.name)
+    try:
+        summary = run_sweep(cfg, storage, ray, space_path=args.space, name=args.name)
+    except SweepInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        raise SystemExit(130) from None
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("markdown")}, indent=2, default=str))
     print(f"\n{summary['table_markdown']}\n")
     print(f"best model: {summary['model_dir']}\nreports: {summary['report_dir']}")

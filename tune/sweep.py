@@ -55,6 +55,10 @@ class SpaceError(ValueError):
     """A search space file that cannot be used; the message names the file and the key."""
 
 
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial finished (Ctrl-C, SIGTERM); rerun to resume."""
+
+
 # ---- search space -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Dist:
@@ -558,6 +562,12 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
     grid = tuner.fit()
     fit_seconds = round(time.time() - t_fit, 1)
     log.info("sweep %s: trials ran in %.1fs", name, fit_seconds)
+    if grid.num_terminated + grid.num_errors < max(len(grid), num_samples):
+        # Tune returns after a SIGINT with unfinished trials: summarising now would mark the
+        # sweep as done and a rerun would not resume it
+        raise SweepInterrupted(f"sweep '{name}' stopped with {grid.num_terminated} of {num_samples} "
+                               f"trials finished; run it again with the same name to resume "
+                               f"from {storage.uri('tune', name)}")
     summary = {**_summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0),
                "fit_seconds": fit_seconds}
     storage.write_json(f"{report_rel}/summary.json", summary)
