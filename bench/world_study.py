@@ -73,6 +73,7 @@ class ModelConfig:
     layers: int = 2
     heads: int = 4
     intermediate: int = 128
+    token_mixing: bool = True
     backbone_seed: int = 0
     loss: str = "nearid"
     temperature: float = 0.07
@@ -89,7 +90,8 @@ class ModelConfig:
     def tiny_overrides(self) -> dict:
         return dict(image_size=self.image_size, patch_size=self.patch_size,
                     hidden_size=self.hidden_size, num_hidden_layers=self.layers,
-                    num_attention_heads=self.heads, intermediate_size=self.intermediate)
+                    num_attention_heads=self.heads, intermediate_size=self.intermediate,
+                    token_mixing=self.token_mixing)
 
     def loss_params(self) -> dict:
         if self.loss == "nearid":

@@ -5,7 +5,7 @@ import json
 
 from jobs._common import parse
 from nearid.raytools import init_ray
-from nearid.stages.generate import run_generate, validate_generation
+from nearid.stages.generate import log_generation, run_generate, validate_generation
 from nearid.tracking import Tracker
 
 
@@ -21,19 +21,7 @@ def main(argv=None) -> dict:
     settings = [s for s in summary if s != "seconds"]
     check = validate_generation(storage, settings, cfg.generate.mask_dilation, cfg.generate.validate_sample)
     summary["validation"] = check["metrics"]
-    tracker = Tracker.from_config(cfg, storage)
-    with tracker.run(f"{cfg.run.name}-generate", tags={"stage": "generate", "data": storage.root}):
-        tracker.log_params({f"generate.{k}": v for k, v in cfg.generate.model_dump(mode="json").items()})
-        for s, m in check["metrics"].items():
-            tracker.log_metrics({f"{s}.{k}": v for k, v in m.items()})
-        for s, c in summary.items():
-            if isinstance(c, dict) and "ok" in c:
-                tracker.log_metrics({f"{s}.rows_ok": c["ok"], f"{s}.rows_rejected": c["rejected"]})
-        from nearid.report import example_grid
-
-        fig = example_grid(check["examples"])
-        if fig is not None:
-            tracker.log_figure(fig, "plots/distractor_examples.png")
+    log_generation(Tracker.from_config(cfg, storage), cfg, storage, summary, check)
     storage.write_json("distractors/_SUCCESS.json", summary)
     print(json.dumps(summary, indent=2))
     return summary

@@ -13,7 +13,7 @@ from nearid.raytools import init_ray
 from nearid.stages.evaluate import evaluate_scorers
 from nearid.stages.evaluate_report import write_report
 from nearid.stages.extract import run_extract
-from nearid.stages.generate import run_generate, validate_generation
+from nearid.stages.generate import log_generation, run_generate, validate_generation
 from nearid.stages.synth import run_synth
 from nearid.stages.train import run_train
 from nearid.tracking import Tracker
@@ -52,6 +52,7 @@ def main(argv=None) -> dict:
         check = validate_generation(storage, list(cfg.generate.settings), cfg.generate.mask_dilation,
                                     cfg.generate.validate_sample)
         out["generate"]["validation"] = check["metrics"]
+        log_generation(tracker, cfg, storage, out["generate"], check)
     out["extract"] = stage("extract", lambda: run_extract(cfg, storage, ray))
     model_rel = f"models/{cfg.run.name}-train"
 

@@ -101,11 +101,23 @@ def siglip_processor(image_size: int) -> SiglipImageProcessorPil:
     )
 
 
-def _random_siglip(config: SiglipVisionConfig, seed: int) -> SiglipVisionModel:
+# Not a SiglipVisionConfig field: a tiny-random option. False zeroes every attention output
+# projection, so each layer is a per-token MLP block: tokens become nonlinear *local* patch
+# features (random attention would mix background into every token; docs/world_study.md).
+TOKEN_MIXING_KEY = "token_mixing"
+
+
+def _random_siglip(config: SiglipVisionConfig, seed: int, token_mixing: bool = True) -> SiglipVisionModel:
     # fork_rng keeps the caller's global RNG stream untouched by our seeding.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return SiglipVisionModel(config)
+        model = SiglipVisionModel(config)
+    if not token_mixing:
+        with torch.no_grad():
+            for layer in model.encoder.layers:
+                layer.self_attn.out_proj.weight.zero_()
+                layer.self_attn.out_proj.bias.zero_()
+    return model
 
 
 def download_s3_dir(url: str, storage_options: dict | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -293,13 +305,15 @@ def load_backbone(
     Raises ValueError naming an unsupported model_type.
     """
     if name in RANDOM_BACKBONES:
+        overrides = dict(tiny_overrides or {})
+        token_mixing = bool(overrides.pop(TOKEN_MIXING_KEY, True))
         if name == "tiny-random":
-            config = tiny_siglip_config(**(tiny_overrides or {}))
+            config = tiny_siglip_config(**overrides)
         else:
             if tiny_overrides:
                 raise ValueError("tiny_overrides only applies to 'tiny-random'")
             config = SiglipVisionConfig(**SO400M_CONFIG)
-        model = _random_siglip(config, seed)
+        model = _random_siglip(config, seed, token_mixing)
         backbone = Backbone(
             model, "siglip", siglip_processor(config.image_size), name=name, reloadable=True,
             tiny_overrides=tiny_overrides if name == "tiny-random" else None, seed=seed,

@@ -81,6 +81,9 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
     assert {"model", "plots"} <= arts
     assert {a.path for a in client.list_artifacts(train.info.run_id, "model")} >= {
         "model/config.json", "model/model.safetensors", "model/README.md"}
+    gen = runs["demo-generate"]
+    assert gen.data.metrics["flux.outside_equal_share"] == 1.0
+    assert "plots/distractor_examples.png" in {a.path for a in client.list_artifacts(gen.info.run_id, "plots")}
     ev = runs["demo-eval"]
     assert "nearid.nearid_ssr" in ev.data.metrics
     plots = {a.path for a in client.list_artifacts(ev.info.run_id, "plots")}
@@ -243,6 +246,11 @@ def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(pipeline_run, tmp
     n_items = st.read_table("items_tokens_train", columns=["id"]).num_rows
     assert out["metrics"]["step"] == steps_for(n_items, 16, 1, 2)
     assert out["metrics"]["resumed_from_step"] == 2
+    # same seed, no fault: the resumed run ends close to the uninterrupted one (tolerance: 10 PA
+    # points; not bit-identical because the resumed epoch's shuffle order differs)
+    clean = run_train(cfg, st, ray_local, None, run_name="fault-worker-clean")
+    assert abs(out["metrics"]["val_pa"] - clean["metrics"]["val_pa"]) <= 10
+    assert abs(out["metrics"]["loss"] - clean["metrics"]["loss"]) <= 0.5 * clean["metrics"]["loss"]
 
 
 def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local):
@@ -254,6 +262,16 @@ def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local)
     assert rc == -signal.SIGKILL
     summary = train.main(a)
     assert summary["metrics"]["resumed_from_step"] >= 2
+
+
+def test_token_cache_estimate_refuses_above_the_limit(pipeline_run, ray_local):
+    from nearid.stages.extract import StorageRefused, run_extract
+
+    root, _ = pipeline_run
+    cfg = cfg_for(root, "extract.max_storage_gb=0.000001", "extract.sources=[positive]")
+    with pytest.raises(StorageRefused, match="max_storage_gb"):
+        run_extract(cfg, Storage.open(str(root)), ray_local, out_table="features_refused")
+    assert not Storage.open(str(root)).table_exists("features_refused")
 
 
 def test_batch_scoring_job_and_cli(pipeline_run, tmp_path, ray_local, capsys):

@@ -6,6 +6,7 @@ Fast tests check the pure parts with hand-computed answers. The slow ones share 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -135,7 +136,8 @@ def test_grid_searcher_hands_out_points_then_finishes_and_restores(tmp_path):
 
 
 def test_tie_break_lets_asha_rank_trials_that_tie_on_ssr():
-    assert tie_broken({"val_ssr": 0.0, "val_pa": 20.0}, "val_ssr", "val_pa")["val_ssr"] == pytest.approx(0.002)
+    scored = tie_broken({"val_ssr": 0.0, "val_pa": 20.0}, "val_ssr", "val_pa")
+    assert scored["val_ssr"] == pytest.approx(0.002)
     assert tie_broken({"loss": 3.0, "val_pa": 10.0}, "loss", "val_pa", "min")["loss"] == pytest.approx(2.999)
     assert tie_broken({"val_ssr": 5.0}, "val_ssr", None) == {"val_ssr": 5.0}
 
@@ -204,7 +206,8 @@ def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, tmp_p
     assert summary["trials"] == 6 and summary["errors"] == 0
     trials = pd.read_csv(world / "reports/asha/trials.csv")
     assert list(trials["loss"]) == ["infonce"] * 3 + ["circle"] * 3
-    assert summary["stopped_early"] >= 2 and set(trials.loc[trials["outcome"] == "stopped_early", "loss"]) == {"circle"}
+    assert summary["stopped_early"] >= 2
+    assert set(trials.loc[trials["outcome"] == "stopped_early", "loss"]) == {"circle"}
     max_t = plan_reports(storage.read_json("items_tokens_train/_SUCCESS.json")["rows"],
                          apply_trial(cfg, {}).train, 2)[1]
     stopped = trials[trials["outcome"] == "stopped_early"]
@@ -221,7 +224,8 @@ def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, tmp_p
     assert parent.data.metrics["stopped_early"] == summary["stopped_early"]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.md", "trials.csv", "search_space.yaml", "plots"} <= arts
-    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == ["plots/hparams_vs_loss.png"]
+    plots = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
+    assert plots == ["plots/hparams_vs_loss.png"]
     assert len(children) == 6
     by_trial = {c.data.tags["tune.trial_id"]: c for c in children}
     assert set(by_trial) == set(trials["trial"])
@@ -241,13 +245,13 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     from tune.sweep import run_sweep
 
     space = write_space(tmp_path / "resume.yaml", (
-        "searcher: random\nscheduler: none\ncheckpoint: last\n"
+        "searcher: random\nscheduler: none\ncheckpoint: last\nreports_per_epoch: 2\n"
         "loss: {choice: [nearid, infonce]}\ntrain: {lr: {loguniform: [1.0e-4, 3.0e-3]}}\n"))
     extra = ["tune.num_samples=4"]
     env = {**os.environ, "NEARID_FAULT": "tune:kill_driver_after_trials:2", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", *argv_for(world, *extra), "--space", str(space),
-                             "--name", "resume"], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [*argv_for(world, *extra), "--space", str(space), "--name", "resume"]
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=ROOT, env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         rc = proc.wait(timeout=400)
     finally:
@@ -262,15 +266,20 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     assert len(finished) >= 2 and not (world / "reports/resume/summary.json").exists()
     snapshot = {t: (result_lines(exp / t), sorted(p.name for p in (exp / t).iterdir())) for t in finished}
 
-    summary = run_sweep(cfg_for(world, *extra), Storage.open(str(world)), ray_local, str(space), name="resume")
+    cfg = cfg_for(world, *extra)
+    summary = run_sweep(cfg, Storage.open(str(world)), ray_local, str(space), name="resume")
     assert summary["trials"] == 4 and summary["errors"] == 0
     after = recorded_trials(str(exp))
     assert set(after) >= set(before) and len(after) == 4
     assert all(s == "TERMINATED" for s in after.values())
     for t, (lines, files) in snapshot.items():  # finished trials: no new results, files or sessions
         assert (result_lines(exp / t), sorted(p.name for p in (exp / t).iterdir())) == (lines, files)
-    for t in after:
-        assert result_lines(exp / t) == 4  # every trial ran its full budget exactly once
+    n_items = Storage.open(str(world)).read_json("items_tokens_train/_SUCCESS.json")["rows"]
+    max_t = plan_reports(n_items, cfg.train, 2)[1]
+    for t in after:  # every trial ran its full budget; unfinished ones were resumed
+        last = json.loads((exp / t / "result.json").read_text().splitlines()[-1])
+        assert last["training_iteration"] == max_t
+        assert last["step"] == n_items // cfg.train.batch_size * cfg.train.epochs
     client, parent, children = mlflow_runs(world, "resume")
     assert parent.data.tags.get("tune.resumed") == "true" and parent.info.status == "FINISHED"
     assert sorted(c.data.tags["tune.trial_id"] for c in children) == sorted(after)
@@ -288,7 +297,8 @@ def test_loss_ablation_grid_writes_the_comparison_table(world, ray_local):
     losses = ["nearid", "infonce", "circle", "circle_ranking", "triplet", "siglip", "arcface"]
     assert summary["trials"] == 7 and summary["stopped_early"] == 0 and summary["errors"] == 0
     table = pd.read_csv(world / "reports/ablation/ablation.csv")
-    assert list(table["loss"]) == losses and list(table.columns) == ["loss", "SSR", "PA", "M-O", "M-H", "seeds"]
+    assert list(table["loss"]) == losses
+    assert list(table.columns) == ["loss", "SSR", "PA", "M-O", "M-H", "seeds"]
     assert table["SSR"].between(0, 100).all() and table["PA"].between(0, 100).all()
     assert table["M-H"].notna().all() and (table["seeds"] == 1).all()
     md = (world / "reports/ablation/ablation.md").read_text()

@@ -117,7 +117,7 @@ class SearchSpace:
     params: dict[str, dict[str, Dist]] = field(default_factory=dict)
     searcher: str | None = None
     scheduler: str = "asha"
-    reports_per_epoch: int = 2
+    reports_per_epoch: int = 1
     checkpoint: str = "best"
     evaluate_split: str = "val"
     compare_losses: bool = False
@@ -178,7 +178,7 @@ def load_space(path: str | os.PathLike) -> SearchSpace:
     space.evaluate_split = _choice(f"{p}: evaluate_split", data.get("evaluate_split", "val"),
                                    ("train", "val", "test"))
     space.compare_losses = bool(data.get("compare_losses", False))
-    rpe = data.get("reports_per_epoch", 2)
+    rpe = data.get("reports_per_epoch", 1)
     if not isinstance(rpe, int) or rpe < 1:
         raise SpaceError(f"{p}: reports_per_epoch must be an integer >= 1, got {rpe!r}")
     space.reports_per_epoch = rpe
@@ -405,8 +405,8 @@ class ChildRunSearcher(Searcher):
         self.searcher.on_trial_result(trial_id, tie_broken(result, self.metric, self.tie_break, self.mode))
 
     def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
-        self.searcher.on_trial_complete(trial_id, result=tie_broken(result, self.metric, self.tie_break, self.mode),
-                                        error=error)
+        scored = tie_broken(result, self.metric, self.tie_break, self.mode)
+        self.searcher.on_trial_complete(trial_id, result=scored, error=error)
         run_id = self.runs.get(trial_id)
         if not run_id:
             return
@@ -450,7 +450,8 @@ def build_searcher(space: SearchSpace, kind: str, metric: str, mode: str, seed: 
 def recorded_trials(experiment_path: str) -> dict[str, str]:
     """trial id -> status as recorded in the newest experiment state file of a Tune experiment
     (what a restore will see), read with plain json."""
-    files = sorted(Path(experiment_path).glob("experiment_state-*.json"), key=lambda f: f.stat().st_mtime)
+    # the newest session by name, as Ray picks it (a restore re-uploads older files: mtime lies)
+    files = sorted(Path(experiment_path).glob("experiment_state-*.json"))
     if not files:
         return {}
     state = json.loads(files[-1].read_text())
@@ -611,8 +612,8 @@ def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name,
 # ---- after the sweep: evaluate, publish, tables, plot ------------------------------------------------
 def _pick_checkpoint(result, which: str, metric: str, mode: str, tie_break: str | None):
     if which == "best":
-        pairs = [(c, tie_broken(m, metric, tie_break, mode)[metric]) for c, m in (result.best_checkpoints or [])
-                 if m.get(metric) is not None]
+        pairs = [(c, tie_broken(m, metric, tie_break, mode)[metric])
+                 for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
         if pairs:
             pick = max if mode == "max" else min
             return pick(pairs, key=lambda cs: cs[1])[0]
@@ -697,10 +698,10 @@ def trials_frame(rows: list[dict], metric: str, split: str) -> pd.DataFrame:
     for r in rows:
         hp = ", ".join(f"{k.split('.', 1)[-1]}={_fmt(v)}" for k, v in sorted(r["params"].items()))
         out.append({"trial": r["trial"], "loss": r["loss"], "hyper-parameters": hp,
-                    f"best {metric}": r[f"best_{metric}"], f"{split} SSR": r.get(f"{split}_ssr", math.nan),
-                    f"{split} PA": r.get(f"{split}_pa", math.nan), f"{split} M-O": r.get(f"{split}_m_o", math.nan),
-                    f"{split} M-H": r.get(f"{split}_m_h", math.nan), "reports": r["reports"],
-                    "outcome": r["outcome"]})
+                    f"best {metric}": r[f"best_{metric}"],
+                    **{f"{split} {label}": r.get(f"{split}_{key}", math.nan)
+                       for key, label in (("ssr", "SSR"), ("pa", "PA"), ("m_o", "M-O"), ("m_h", "M-H"))},
+                    "reports": r["reports"], "outcome": r["outcome"]})
     return pd.DataFrame(out)
 
 

@@ -57,7 +57,8 @@ def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
     from ..model import NearIDModel
     from .extract import read_features
 
-    model = NearIDModel.from_pretrained(model_dir)
+    model = NearIDModel.from_pretrained(
+        model_dir, storage_options={"endpoint_url": storage.endpoint} if storage.endpoint else None)
     schema = storage.dataset("features").schema
     same_backbone = model.backbone.name == cfg.extract.backbone.name and "tokens" in schema.names
     if not same_backbone:

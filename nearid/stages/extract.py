@@ -66,6 +66,7 @@ def build_processor(ecfg):
     else:
         name, tiny = ecfg.backbone.name, ecfg.backbone.tiny
     if name == "tiny-random":
+        tiny = {k: v for k, v in tiny.items() if k != "token_mixing"}
         return siglip_processor(tiny_siglip_config(**tiny).image_size)
     if name == "so400m-random":
         return siglip_processor(384)
@@ -220,6 +221,7 @@ def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int 
                 allow_large: bool | None = None) -> dict:
     e = cfg.extract
     t0 = time.time()
+    _check_same_scorer(storage, out_table, e)
     sources = available_sources(storage, cfg)
     done = storage.keys(out_table, FEATURE_KEY)
     pending = []
@@ -258,6 +260,20 @@ def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int 
     summary = {"table": out_table, "sources": counts, "seconds": round(time.time() - t0, 2)}
     storage.mark_done(out_table, summary)
     return summary
+
+
+def _check_same_scorer(storage, table: str, e) -> None:
+    """Resuming into a table written by another backbone/model would mix features: refuse."""
+    sig = {"backbone": e.backbone.model_dump(mode="json"), "model_dir": e.model_dir,
+           "readouts": e.readouts, "write_tokens": e.write_tokens}
+    rel = f"{table}/_scorer.json"
+    if storage.exists(rel):
+        old = storage.read_json(rel)
+        if old != sig:
+            raise ValueError(f"{storage.uri(table)} was extracted with {old}, not {sig}: use another "
+                             f"run root (run.root) or out table, or delete {storage.uri(table)}")
+    elif not storage.table_exists(table):
+        storage.write_json(rel, sig)
 
 
 def _record_rejects(storage, files: list[str]) -> None:

@@ -211,3 +211,22 @@ def validate_generation(storage, settings: list[str], dilation: int, sample: int
         out[name] = {"checked": len(idx), "outside_equal_share": n_out / n,
                      "inside_changed_mean": float(np.mean(changed)) if changed else 0.0}
     return {"metrics": out, "examples": examples}
+
+
+def log_generation(tracker, cfg, storage, summary: dict, check: dict) -> None:
+    """One MLflow run for a generation: settings, counts, validation shares, example grid."""
+    from ..report import example_grid
+
+    with tracker.run(f"{cfg.run.name}-generate", tags={"stage": "generate", "data": storage.root}):
+        tracker.log_params({f"generate.{k}": v for k, v in cfg.generate.model_dump(mode="json").items()})
+        for s, m in check["metrics"].items():
+            tracker.log_metrics({f"{s}.{k}": v for k, v in m.items()})
+        for s, c in summary.items():
+            if isinstance(c, dict) and "ok" in c:
+                tracker.log_metrics({f"{s}.rows_ok": c["ok"], f"{s}.rows_rejected": c["rejected"]})
+        fig = example_grid(check["examples"])
+        if fig is not None:
+            import matplotlib.pyplot as plt
+
+            tracker.log_figure(fig, "plots/distractor_examples.png")
+            plt.close(fig)

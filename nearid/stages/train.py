@@ -156,7 +156,7 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(
-            name=run_name, storage_path=storage.uri("train_runs"), storage_filesystem=storage.fs,
+            name=run_name, storage_path=storage.path("train_runs"), storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_top_k,
                                                checkpoint_score_attribute="val_ssr",
@@ -164,7 +164,14 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
         datasets={"train": ds},
         torch_config=None,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
     best = _best_checkpoint(result)
     model_dir = storage.uri("models", run_name)
     _publish_model(best, storage, f"models/{run_name}")
