@@ -447,14 +447,20 @@ def build_searcher(space: SearchSpace, kind: str, metric: str, mode: str, seed: 
 
 
 # ---- fault hook (tests) ------------------------------------------------------------------------------
-def recorded_trials(experiment_path: str) -> dict[str, str]:
-    """trial id -> status as recorded in the newest experiment state file of a Tune experiment
-    (what a restore will see), read with plain json."""
+def recorded_trials(experiment_path: str, fs=None) -> dict[str, str]:
+    """trial id -> status in the newest saved experiment state of a Tune experiment: what a
+    restore will see (`fs`: the storage's pyarrow filesystem; local when omitted)."""
+    import pyarrow.fs as pafs
+
+    fs = fs or pafs.LocalFileSystem()
+    infos = fs.get_file_info(pafs.FileSelector(str(experiment_path), allow_not_found=True))
     # the newest session by name, as Ray picks it (a restore re-uploads older files: mtime lies)
-    files = sorted(Path(experiment_path).glob("experiment_state-*.json"))
-    if not files:
+    names = sorted(i.path for i in infos
+                   if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
+    if not names:
         return {}
-    state = json.loads(files[-1].read_text())
+    with fs.open_input_stream(names[-1]) as f:
+        state = json.loads(f.read())
     out = {}
     for trial_json, _meta in state.get("trial_data", []):
         t = json.loads(trial_json)
@@ -563,12 +569,13 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
     grid = tuner.fit()
     fit_seconds = round(time.time() - t_fit, 1)
     log.info("sweep %s: trials ran in %.1fs", name, fit_seconds)
-    if grid.num_terminated + grid.num_errors < max(len(grid), num_samples):
-        # Tune returns after a SIGINT with unfinished trials: summarising now would mark the
-        # sweep as done and a rerun would not resume it
-        raise SweepInterrupted(f"sweep '{name}' stopped with {grid.num_terminated} of {num_samples} "
-                               f"trials finished; run it again with the same name to resume "
-                               f"from {storage.uri('tune', name)}")
+    # After a SIGINT Tune returns normally and its in-memory trials all read TERMINATED; the saved
+    # state keeps the truth. Summarising an interrupted sweep would mark it done (no resume).
+    recorded = recorded_trials(exp_path, storage.fs)
+    done = sum(s in ("TERMINATED", "ERROR") for s in recorded.values())
+    if done < num_samples:
+        raise SweepInterrupted(f"sweep '{name}' stopped with {done} of {num_samples} trials finished; "
+                               f"run it again with the same name to resume from {storage.uri('tune', name)}")
     summary = {**_summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0),
                "fit_seconds": fit_seconds}
     storage.write_json(f"{report_rel}/summary.json", summary)
