@@ -64,9 +64,9 @@ def main() -> None:
     p.add_argument("--distractors", type=int, default=3000)
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="bench-load-")
-    n_ids = args.images // 3
+    unique = args.distractors // 3           # identities actually rendered (3 views each)
     cfg = load_config("configs/local.yaml", [
-        f"run.root={root}", f"synth.n_identities={n_ids}", "synth.n_mtg=0", "synth.n_graded=0",
+        f"run.root={root}", f"synth.n_identities={unique}", "synth.n_mtg=0", "synth.n_graded=0",
         "synth.split={train: 1.0}", "extract.sources=[positive]", "generate.splits=[train]",
         "generate.settings={flux: {backend: procedural, batch_size: 32}}"])
     st = Storage.open(root)
@@ -76,25 +76,27 @@ def main() -> None:
     with PeakRSS() as m:
         t = time.time()
         run_synth(cfg, st, ray)
-        rows.append(("synth (render positives)", n_ids * 3, time.time() - t, m.peak))
+        rows.append(("synth (render positives)", unique * 3, time.time() - t, m.peak))
     with PeakRSS() as m:
         t = time.time()
-        run_extract(cfg, st, ray)
-        rows.append(("extract (tokens + readouts)", n_ids * 3, time.time() - t, m.peak))
-    # generation on the first identities only: 3,000 distractors
-    gen_ids = args.distractors // 3
-    cfg_g = cfg.model_copy(deep=True)
+        res = run_generate(cfg, st, ray)
+        rows.append(("generate (procedural)", res["flux"]["ok"], time.time() - t, m.peak))
+    # extraction load: the rendered views repeated under new ids up to --images rows
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    keep = sorted(set(st.read_table("positives", columns=["id"])["id"].to_pylist()))[:gen_ids]
-    sub = Storage.open(os.path.join(root, "gen"))
-    sub.write_table("positives", st.read_table("positives", filter=pc.field("id").isin(pa.array(keep))), ["split"])
-    cfg_g.run.root = sub.root
+    base = st.read_table("positives")
+    copies = -(-args.images // base.num_rows)
+    big = Storage.open(os.path.join(root, "extract"))
+    for c in range(copies):
+        t_c = base.set_column(0, "id", pc.binary_join_element_wise(base["id"], pa.scalar(f"-c{c}"), ""))
+        big.write_table("positives", t_c.slice(0, max(0, min(base.num_rows, args.images - c * base.num_rows))))
+    cfg_e = cfg.model_copy(deep=True)
+    cfg_e.run.root = big.root
     with PeakRSS() as m:
         t = time.time()
-        res = run_generate(cfg_g, sub, ray)
-        rows.append(("generate (procedural)", res["flux"]["ok"], time.time() - t, m.peak))
+        ex = run_extract(cfg_e, big, ray)
+        rows.append(("extract (tokens + readouts)", ex["sources"]["positive"]["ok"], time.time() - t, m.peak))
     print(f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM")
     print("| stage | rows | seconds | rows/s | peak RSS (GiB, driver + Ray) |")
     print("|---|---|---|---|---|")

@@ -52,16 +52,15 @@ class Context:
         if self.kind == "local":
             self.reports.append(dict(metrics))
             return
-        from ray.train import Checkpoint
-
-        ckpt = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
         if self.kind == "train":
             import ray.train
 
+            ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
             ray.train.report(metrics, checkpoint=ckpt)
         else:
             import ray.tune
 
+            ckpt = ray.tune.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
             ray.tune.report(metrics, checkpoint=ckpt)
 
 
