@@ -74,7 +74,7 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
     exp = client.get_experiment_by_name("nearid-local")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     train = runs["demo-train"]
-    assert float(train.data.params["train.lr"]) == 1e-3
+    assert float(train.data.params["train.lr"]) == load_config(ROOT / "configs/local.yaml").train.lr
     assert train.data.tags["backbone"] == "tiny-random"
     assert "val_ssr" in train.data.metrics and len(client.get_metric_history(train.info.run_id, "loss")) >= 1
     arts = {a.path for a in client.list_artifacts(train.info.run_id)}
