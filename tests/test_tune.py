@@ -26,7 +26,7 @@ from tune.sweep import (GridSearcher, DefineByRun, SpaceError, TieBreakASHA, abl
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["synth.n_identities=36", "synth.n_mtg=6", "synth.n_graded=4", "generate.validate_sample=20",
          "synth.split={train: 0.6, val: 0.2, test: 0.2}", "train.epochs=2", "train.batch_size=16",
-         "train.warmup_steps=2", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=0.5",
+         "train.warmup_steps=2", "tune.max_concurrent_trials=2", "tune.epochs=2", "tune.cpus_per_trial=0.5",
          "tune.grace_period=1", "tune.reduction_factor=2"]
 
 
@@ -247,8 +247,11 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     space = write_space(tmp_path / "resume.yaml", (
         "searcher: random\nscheduler: none\ncheckpoint: last\nreports_per_epoch: 2\n"
         "loss: {choice: [nearid, infonce]}\ntrain: {lr: {loguniform: [1.0e-4, 3.0e-3]}}\n"))
-    extra = ["tune.num_samples=4"]
-    env = {**os.environ, "NEARID_FAULT": "tune:kill_driver_after_trials:2", "PYTHONPATH": str(ROOT)}
+    # longer trials than the other tests: the kill must land while trials 3-4 still run
+    extra = ["tune.num_samples=4", "tune.epochs=6", "train.epochs=6"]
+    # save the experiment state every second so the hook sees finished trials before the rest end
+    env = {**os.environ, "NEARID_FAULT": "tune:kill_driver_after_trials:2", "PYTHONPATH": str(ROOT),
+           "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     args = [*argv_for(world, *extra), "--space", str(space), "--name", "resume"]
     proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=ROOT, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -329,6 +329,7 @@ def _maybe_kill_driver(config: dict, step: int, ctx, storage) -> None:
         import signal
 
         storage.write_bytes("_fault_driver_killed", b"1")
+        time.sleep(8)  # let the controller persist the checkpoint it was just handed
         os.kill(int(config["driver_pid"]), signal.SIGKILL)
         time.sleep(60)  # the controller goes down with the driver
 
