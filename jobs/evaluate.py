@@ -1,8 +1,6 @@
 """Evaluate scorers on every benchmark: `python -m jobs.evaluate --config configs/local.yaml`."""
 from __future__ import annotations
 
-import json
-
 from jobs._common import parse
 from nearid.config import config_to_dict, flatten
 from nearid.raytools import init_ray

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from .storage import download_s3_dir  # noqa: F401 - re-exported for nearid.model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -118,33 +120,6 @@ def _random_siglip(config: SiglipVisionConfig, seed: int, token_mixing: bool = T
                 layer.self_attn.out_proj.weight.zero_()
                 layer.self_attn.out_proj.bias.zero_()
     return model
-
-
-def download_s3_dir(url: str, storage_options: dict | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Copy every object under an `s3://bucket/prefix` into a local cache dir and return it.
-
-    Files whose local size already matches are not fetched again. The cache defaults to
-    `$NEARID_CACHE` or `~/.cache/nearid`, under `s3/<bucket>/<prefix>`.
-    """
-    import s3fs  # imported lazily: only S3 users pay for it
-
-    fs = s3fs.S3FileSystem(**(storage_options or {}))
-    remote_root = url.removeprefix("s3://").rstrip("/")
-    root = Path(cache_dir or os.environ.get("NEARID_CACHE", Path.home() / ".cache" / "nearid"))
-    local_root = root / "s3" / remote_root
-    remote_files = fs.find(remote_root)
-    if not remote_files:
-        raise FileNotFoundError(f"no objects under {url}")
-    for remote in remote_files:
-        relative = remote[len(remote_root):].lstrip("/")
-        if not relative:  # the prefix is a single object, not a directory
-            raise ValueError(f"{url} is an object, expected a directory prefix")
-        local = local_root / relative
-        if local.exists() and local.stat().st_size == fs.size(remote):
-            continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
-    return local_root
 
 
 class Backbone(nn.Module):

@@ -48,6 +48,38 @@ def _s3_filesystem(endpoint_url=None, region=None, key=None, secret=None):
     return s3fs.S3FileSystem(**kwargs), endpoint_url
 
 
+def download_s3_dir(url: str, storage_options: dict | None = None, cache_dir=None):
+    """Copy every object under `s3://bucket/prefix` into a local cache dir and return its Path.
+
+    Files whose local size already matches are not fetched again; each file is written to a
+    temporary name and renamed, so actors racing on one node never read a half-written file.
+    The cache defaults to `$NEARID_CACHE` or `~/.cache/nearid`, under `s3/<bucket>/<prefix>`.
+    """
+    from pathlib import Path
+
+    import s3fs  # imported lazily: only S3 users pay for it
+
+    fs = s3fs.S3FileSystem(**(storage_options or {}))
+    remote_root = url.removeprefix("s3://").rstrip("/")
+    root = Path(cache_dir or os.environ.get("NEARID_CACHE", Path.home() / ".cache" / "nearid"))
+    local_root = root / "s3" / remote_root
+    remote_files = fs.find(remote_root)
+    if not remote_files:
+        raise FileNotFoundError(f"no objects under {url}")
+    for remote in remote_files:
+        relative = remote[len(remote_root):].lstrip("/")
+        if not relative:  # the prefix is a single object, not a directory
+            raise ValueError(f"{url} is an object, expected a directory prefix")
+        local = local_root / relative
+        if local.exists() and local.stat().st_size == fs.size(remote):
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.{uuid.uuid4().hex[:8]}")
+        fs.get_file(remote, str(tmp))
+        os.replace(tmp, local)
+    return local_root
+
+
 @dataclass
 class Storage:
     """A storage root. `fs` is a pyarrow filesystem usable by pyarrow and Ray Data alike."""

@@ -18,14 +18,10 @@ covered by a tiny test because a tiny Qwen2.5-VL text encoder + processor is not
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,35 +84,18 @@ def hub_offline() -> bool:
 
 
 def resolve_model_path(model: str, storage_options: dict | None = None, cache_dir: str | None = None) -> str:
-    """Return something `from_pretrained` can open: hub ids and local dirs as given, `s3://` dirs
-    copied once into `cache_dir` (default $NEARID_CACHE or ~/.cache/nearid/models).
-
-    The copy goes to a temporary sibling and is renamed into place, so actors on one node that
-    race on the same model never see a half-written directory.
-    """
+    """Return something `from_pretrained` can open: hub ids and local dirs as given, `s3://`
+    pipeline dirs copied once into the shared cache (`nearid.storage.download_s3_dir`)."""
     if not model.startswith("s3://"):
         return model
     import s3fs
 
-    root = Path(cache_dir or os.environ.get("NEARID_CACHE", Path.home() / ".cache" / "nearid" / "models"))
-    target = root / (hashlib.sha1(model.encode()).hexdigest()[:16] + "-" + Path(model.rstrip("/")).name)
-    if (target / "model_index.json").exists():
-        return str(target)
-    root.mkdir(parents=True, exist_ok=True)
-    fs = s3fs.S3FileSystem(**(storage_options or {}))
-    remote = model[len("s3://") :].rstrip("/")
-    if not fs.exists(remote + "/model_index.json"):
+    from ..storage import download_s3_dir
+
+    remote = model[len("s3://"):].rstrip("/")
+    if not s3fs.S3FileSystem(**(storage_options or {})).exists(remote + "/model_index.json"):
         raise ValueError(f"model {model!r}: no model_index.json there (not a diffusers pipeline directory)")
-    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=root))
-    for remote_file in fs.find(remote):
-        local_file = staging / os.path.relpath(remote_file, remote)
-        local_file.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote_file, str(local_file))
-    try:
-        staging.rename(target)
-    except OSError:  # another process finished first
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
+    return str(download_s3_dir(model, storage_options, cache_dir))
 
 
 def _round_to_multiple(value: float, multiple: int) -> int:

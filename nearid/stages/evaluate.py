@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..metrics import PAPER_POOLED_SETTINGS, build_sims, margins, mh_score, mtg_scores, nearid_scores, nearid_table
+from ..metrics import build_sims, margins, mh_score, mtg_scores, nearid_table
 from ..schema import GRADED, MTG, column_to_numpy
 
 log = logging.getLogger("nearid.evaluate")

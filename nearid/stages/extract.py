@@ -52,8 +52,7 @@ def load_scorer(ecfg, device: str = "cpu"):
 
 def build_processor(ecfg):
     """Only the image processor, for the CPU stage (never the model weights)."""
-    from ..backbone import (PROCESSOR_CLASSES, processor_from_spec, siglip_processor,
-                            tiny_siglip_config)
+    from ..backbone import processor_from_spec, siglip_processor, tiny_siglip_config
 
     if ecfg.model_dir:
         import json
@@ -70,10 +69,38 @@ def build_processor(ecfg):
         return siglip_processor(tiny_siglip_config(**tiny).image_size)
     if name == "so400m-random":
         return siglip_processor(384)
-    from transformers import AutoImageProcessor
+    from transformers import AutoConfig
 
-    del PROCESSOR_CLASSES
-    return AutoImageProcessor.from_pretrained(name, backend="pil")
+    from ..backbone import _ARCHITECTURES, _load_processor
+
+    conf = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    kind, _, _, processor_cls = _ARCHITECTURES[conf.model_type]
+    # the same choice as load_backbone: the checkpoint's processor, else the family default
+    return _load_processor(name, kind, processor_cls, getattr(conf, "vision_config", conf))
+
+
+def token_shape(ecfg) -> tuple[int, int]:
+    """(T, D) of the backbone's tokens from its config and processor alone: the estimate before a
+    run must not load the weights on the driver (the actors load them)."""
+    from PIL import Image
+
+    from ..backbone import SO400M_CONFIG, tiny_siglip_config
+
+    name = ecfg.backbone.name
+    if name == "tiny-random":
+        conf = tiny_siglip_config(**{k: v for k, v in ecfg.backbone.tiny.items() if k != "token_mixing"})
+    elif name == "so400m-random":
+        from transformers import SiglipVisionConfig
+
+        conf = SiglipVisionConfig(**SO400M_CONFIG)
+    else:
+        from transformers import AutoConfig
+
+        conf = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        conf = getattr(conf, "vision_config", conf)
+    size = build_processor(ecfg)(images=[Image.new("RGB", (8, 8))], return_tensors="np")["pixel_values"].shape[-1]
+    prefix = 0 if conf.model_type.startswith("siglip") else 1  # CLIP / DINOv2 carry a CLS token
+    return (size // conf.patch_size) ** 2 + prefix, conf.hidden_size
 
 
 class Decode:
@@ -233,8 +260,7 @@ def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int 
     n_todo = sum(t.num_rows for _, _, t in pending)
     write_tokens = e.write_tokens and not e.model_dir
     if write_tokens and n_todo:
-        backbone, _ = load_scorer(e) if e.backbone.name not in ("so400m-random",) else (None, None)
-        T, D = (backbone.num_tokens, backbone.hidden_size) if backbone is not None else (729, 1152)
+        T, D = token_shape(e)
         est = estimate_bytes(n_todo, T, D)
         print(f"extract: {n_todo} images x {T} tokens x {D} dims x 2 bytes = {est / 1e9:.3f} GB of tokens")
         if est > e.max_storage_gb * 1e9 and not (allow_large if allow_large is not None else e.allow_large):

@@ -37,7 +37,7 @@ def read_pairs(path: str, storage_options: dict | None = None) -> pa.Table:
     return t.append_column("pair", pa.array(np.arange(n), pa.int64()))
 
 
-def _load(x, storage_options) -> "PIL.Image.Image":  # noqa: F821
+def _load(x, storage_options):
     if isinstance(x, (bytes, bytearray)):
         return decode_image(bytes(x))
     import fsspec

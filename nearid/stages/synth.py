@@ -6,7 +6,7 @@ import time
 
 import pyarrow as pa
 
-from ..raytools import chunks, write_dataset
+from ..raytools import write_dataset
 from ..schema import GRADED, MTG, POSITIVES, conform
 
 log = logging.getLogger("nearid.synth")
