@@ -25,6 +25,11 @@ def default_model_dir(cfg, storage) -> str:
     return storage.uri("models", f"{cfg.run.name}-train")
 
 
+def eval_rows(cfg):
+    """Only what the benchmarks read: the evaluated split, plus the graded pairs (always test)."""
+    return (pc.field("split") == cfg.eval.split) | (pc.field("source") == "graded")
+
+
 def scorer_embeddings(storage, cfg, scorer: str, ray=None) -> pd.DataFrame:
     """Embeddings (id, view, source, split, embedding) of every evaluation image for one scorer."""
     from .extract import read_features
@@ -35,7 +40,7 @@ def scorer_embeddings(storage, cfg, scorer: str, ray=None) -> pd.DataFrame:
         if col not in schema.names:
             raise ValueError(f"scorer '{scorer}': features have no column {col}; extract with "
                              f"extract.readouts including '{scorer.split(':', 1)[1]}'")
-        t = read_features(storage, columns=["id", "view", "source", "split", col])
+        t = read_features(storage, columns=["id", "view", "source", "split", col], filter=eval_rows(cfg))
         return _frame(t, col)
     if scorer == "nearid" or scorer.startswith("nearid:"):
         model_dir = scorer.split(":", 1)[1] if ":" in scorer else default_model_dir(cfg, storage)
@@ -76,7 +81,8 @@ def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
     # the backbone is frozen: its cached tokens + the trained head give the model's embeddings
     ds = storage.dataset("features")
     frames = []
-    for batch in ds.to_batches(columns=["id", "view", "source", "split", "tokens", "error"], batch_size=1024):
+    for batch in ds.to_batches(columns=["id", "view", "source", "split", "tokens", "error"],
+                               filter=eval_rows(cfg), batch_size=1024):
         t = pa.Table.from_batches([batch])
         t = t.filter(pc.equal(t["error"], ""))
         if t.num_rows == 0:
