@@ -343,8 +343,12 @@ def test_bad_inputs_are_named():
 # ------------------------------------------------------------------ DDP
 
 
-def test_two_gloo_ranks_match_the_single_process_loss_and_gradients(tmp_path):
+def test_two_gloo_ranks_match_the_single_process_loss_and_gradients(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
+
+    # both ranks on loopback: gloo otherwise picks the host interface, which a busy CI box
+    # (or one with several interfaces) can make abort the rendezvous
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
 
     here = str(Path(__file__).parent)
     if here not in sys.path:  # spawned children import the worker by module name
