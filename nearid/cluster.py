@@ -411,7 +411,7 @@ def stop_stack(state_dir: str | os.PathLike, grace_s: float = 8.0) -> list[int]:
             p.kill()
         except psutil.Error:
             pass
-    time.sleep(0.5)
+    psutil.wait_procs(procs + late, timeout=10)   # returns as soon as every one is reaped
     survivors = [p.pid for p in procs + late if not _is_gone(p)]
     if survivors:
         raise StackError(f"stack processes still running after SIGKILL: {survivors}")

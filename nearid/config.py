@@ -25,11 +25,17 @@ class RunConfig(Strict):
 
 
 class StorageConfig(Strict):
-    """S3 settings; empty fields fall back to the usual AWS environment variables."""
+    """S3 settings; empty fields fall back to the usual AWS environment variables.
+
+    Leases (`nearid.leases`): a stage holds one per table it writes; a lease whose heartbeat is
+    older than `lease_expiry_s` is taken over. `lease_wait_s`: how long a run waits for another
+    run's lease (0: refuse at once; null: no limit; `--wait [SECONDS]` sets it)."""
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
+    lease_expiry_s: float = Field(120.0, gt=0)
+    lease_wait_s: float | None = Field(0.0, ge=0)
 
 
 class RayConfig(Strict):
@@ -128,6 +134,9 @@ class TrainConfig(Strict):
     max_failures: int = Field(1, ge=0)
     fast_head: bool = True
     materialize: bool = True          # keep items in the object store across epochs (small data)
+    # rows each worker re-orders at a time every epoch (0: its whole shard, a full shuffle)
+    shuffle_buffer: int = Field(0, ge=0)
+    publish: Literal["final", "best"] = "final"   # the model dir gets the last step (as the paper) or best val SSR
     seed: int = 0
 
 
@@ -161,6 +170,14 @@ class TuneConfig(Strict):
     epochs: int | None = None
 
 
+class PlanConfig(Strict):
+    """Scale for `nearid plan` when the data is not in the run root yet (None: the synth world's)."""
+    identities: int | None = Field(None, ge=1)
+    mtg_samples: int | None = Field(None, ge=0)
+    train_share: float | None = Field(None, gt=0, le=1)
+    usd_per_gpu_hour: float = Field(2.5, ge=0)
+
+
 class Config(Strict):
     run: RunConfig = RunConfig()
     storage: StorageConfig = StorageConfig()
@@ -172,6 +189,7 @@ class Config(Strict):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
+    plan: PlanConfig = PlanConfig()
 
 
 class ConfigError(ValueError):

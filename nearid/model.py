@@ -4,11 +4,14 @@ A model directory holds `config.json` (format version, backbone reference, head 
 `model.safetensors` (head weights under `head.`, backbone weights under `backbone.` only
 when the backbone cannot be rebuilt from its name) and a `README.md` model card. Loading
 reads safetensors only and refuses directories that contain pickle-based weight files.
+`from_pretrained` also loads the released NearID checkpoint layout (see nearid/released.py)
+from a local dir, an `s3://` prefix or a Hugging Face Hub id, without running its code.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,6 +30,7 @@ from nearid.backbone import (
     processor_from_spec,
 )
 from nearid.head import MAPHead
+from nearid.released import is_released_config, load_released
 
 FORMAT_NAME = "nearid-model"
 FORMAT_VERSION = 1
@@ -34,6 +38,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# What a Hub snapshot fetches: configs, safetensors, the card; never code or pickles.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.md"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 class NearIDModel(nn.Module):
@@ -168,22 +175,31 @@ class NearIDModel(nn.Module):
         storage_options: dict | None = None,
         cache_dir: str | os.PathLike | None = None,
     ) -> "NearIDModel":
-        """Load a directory written by `save_pretrained` (local or `s3://`).
+        """Load a directory written by `save_pretrained`, or a released NearID checkpoint
+        (`model_type: nearid`, fp16 SigLIP tower; nearid/released.py), from a local dir, an
+        `s3://` prefix or a Hugging Face Hub id (see `resolve_model_dir`).
 
-        Safetensors only. Raises ValueError for pickle-based files in the dir or for
-        missing/unexpected/misshapen tensors, FileNotFoundError for a missing config.json.
+        Safetensors only, never remote code. Weights load in float32 unless `dtype` is given.
+        Raises ValueError for pickle-based files in the dir, an unknown config or
+        missing/unexpected/misshapen tensors, FileNotFoundError for a missing dir,
+        config.json or weights file.
         """
         path_str = str(path)
-        directory = download_s3_dir(path_str, storage_options, cache_dir) if path_str.startswith("s3://") else Path(path)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"model directory not found: {path_str}")
+        directory = resolve_model_dir(path_str, storage_options, cache_dir)
         pickled = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.suffix in PICKLE_SUFFIXES)
         if pickled:
             raise ValueError(f"{path_str}: NearIDModel.from_pretrained refuses pickle-based file(s) {pickled}")
         config_path = directory / CONFIG_FILE
         if not config_path.is_file():
             raise FileNotFoundError(f"no {CONFIG_FILE} in {path_str} (looked for {config_path})")
-        config = json.loads(config_path.read_text())
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path}: not valid JSON ({err})") from None
+        if is_released_config(config):
+            backbone, head = load_released(directory, config, config_path, name=path_str)
+            model = cls(backbone, head)
+            return model.to(device=device, dtype=dtype) if dtype else model.to(device)
         _check_format(config, config_path)
         weights_path = directory / WEIGHTS_FILE
         if not weights_path.is_file():
@@ -214,9 +230,45 @@ class NearIDModel(nn.Module):
         return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def resolve_model_dir(
+    path: str | os.PathLike, storage_options: dict | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """A local directory holding the model at `path`: a local dir as is; an `s3://` prefix copied
+    into the cache (`download_s3_dir`); otherwise an `owner/name` Hugging Face Hub id, fetched with
+    `snapshot_download` (JSON, safetensors and the card only) unless HF_HUB_OFFLINE is set.
+    Raises FileNotFoundError saying which of these failed."""
+    path_str = str(path)
+    if path_str.startswith("s3://"):
+        return download_s3_dir(path_str, storage_options, cache_dir)
+    local = Path(path_str).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise FileNotFoundError(f"model directory not found: {path_str} is a file, not a directory")
+    if not _HUB_ID.match(path_str):
+        raise FileNotFoundError(f"model directory not found: {path_str}")
+    if _hub_offline():
+        raise FileNotFoundError(f"model directory not found: {path_str} (not a local dir, and HF_HUB_OFFLINE is "
+                                "set, so it is not fetched as a Hugging Face Hub id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        fetched = snapshot_download(repo_id=path_str, allow_patterns=HUB_PATTERNS,
+                                    cache_dir=str(Path(cache_dir) / "hf") if cache_dir else None)
+    except Exception as err:  # network, auth, unknown repo: one clear message either way
+        raise FileNotFoundError(f"model directory not found: {path_str} (not a local dir; as a Hugging Face "
+                                f"Hub id: {type(err).__name__}: {err})") from err
+    return Path(fetched)
+
+
 def _check_format(config: dict, config_path: Path) -> None:
     if config.get("format") != FORMAT_NAME:
-        raise ValueError(f"{config_path}: format is {config.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise ValueError(f"{config_path}: format is {config.get('format')!r}, expected {FORMAT_NAME!r} "
+                         "(or model_type 'nearid' for a released NearID checkpoint)")
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{config_path}: format_version {config.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"

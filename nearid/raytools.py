@@ -5,6 +5,8 @@ import json
 import logging
 import os
 
+from . import faults
+
 log = logging.getLogger("nearid")
 
 WORKER_ENV = {"HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
@@ -61,11 +63,5 @@ def chunks(items: list, size: int):
 
 
 def fault_point(stage: str, done_chunks: int) -> None:
-    """Test hook: NEARID_FAULT=<stage>:exit_after_chunks:<n> kills this driver after n commits,
-    like a crashed or preempted job driver."""
-    spec = os.environ.get("NEARID_FAULT", "")
-    parts = spec.split(":")
-    if len(parts) == 3 and parts[0] == stage and parts[1] == "exit_after_chunks" \
-            and done_chunks == int(parts[2]):
-        log.warning("NEARID_FAULT: killing the %s driver after %d chunks", stage, done_chunks)
-        os._exit(137)
+    """Test hook (see `nearid.faults`): exit this driver after n commits."""
+    faults.exit_after_chunks(stage, done_chunks)

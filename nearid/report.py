@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 
 TABLE_COLUMNS = [("nearid_ssr", "NearID SSR"), ("nearid_pa", "NearID PA"),
-                 ("nearid_pa_pure", "PA pure"), ("mtg_m_o", "MTG M-O"),
+                 ("nearid_pa_pure", "PA pure"), ("nearid_ssr_unseen", "SSR unseen"),
+                 ("nearid_pa_unseen", "PA unseen"), ("mtg_m_o", "MTG M-O"),
                  ("mtg_m_o_pair", "MTG M-Opair"), ("mtg_ssr", "MTG SSR"), ("mtg_pa", "MTG PA"),
                  ("db_m_h", "DB++ M-H")]
 
@@ -29,6 +30,24 @@ def results_table(rows: list[dict]) -> pd.DataFrame:
     extra = [c for c in df.columns if c not in cols]
     df = df[cols + extra]
     return df.rename(columns=dict(TABLE_COLUMNS))
+
+
+GROUP_ROWS = ("seen", "unseen", "pooled")
+
+
+def settings_table(details: dict) -> pd.DataFrame:
+    """The paper's per-setting layout: one row per setting, then seen / unseen / pooled rows;
+    SSR and PA columns per scorer."""
+    cols = {}
+    for scorer, d in details.items():
+        t = d["table"].set_index("setting")
+        cols[(scorer, "SSR")], cols[(scorer, "PA")] = t["ssr"], t["pa"]
+    df = pd.DataFrame(cols)
+    order = [s for s in df.index if s not in GROUP_ROWS] + [g for g in GROUP_ROWS if g in df.index]
+    df = df.loc[order]
+    df.columns = [f"{s} {m}" for s, m in df.columns]
+    df.index.name = "setting"
+    return df
 
 
 def to_markdown(df: pd.DataFrame, floatfmt: dict | None = None) -> str:

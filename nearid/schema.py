@@ -14,13 +14,25 @@ import pyarrow as pa
 
 @dataclass(frozen=True)
 class TableSpec:
+    """A table: its full Arrow schema, key, partition columns and `optional` columns.
+
+    `optional` columns are nullable extras (e.g. what an importer keeps from a public release)
+    that writers may leave out: `columns` lists the required ones, `conform` fills a missing
+    optional column with nulls, so every file written through `conform` has the full schema.
+    """
     name: str
     schema: pa.Schema
     key: tuple[str, ...]
     partition_by: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
 
     @property
     def columns(self) -> list[str]:
+        """The required columns (every writer provides them)."""
+        return [n for n in self.schema.names if n not in self.optional]
+
+    @property
+    def all_columns(self) -> list[str]:
         return self.schema.names
 
 
@@ -30,8 +42,14 @@ POSITIVES = TableSpec(
         ("id", pa.string()), ("view", pa.int8()), ("split", pa.string()),
         ("category", pa.string()), ("description", pa.string()), ("prompt", pa.string()),
         ("image", pa.binary()), ("mask", pa.binary()),
+        # kept from a public release (nearid.importers); null for synthetic-world rows:
+        # source_row = 0-based row position in the source split (what split files index),
+        # source_id / objaverse_id / quality = the release's `id`, `objaverse_id`, `quality`
+        ("source_row", pa.int64()), ("source_id", pa.string()), ("objaverse_id", pa.string()),
+        ("quality", pa.string()),
     ]),
     key=("id", "view"), partition_by=("split",),
+    optional=("source_row", "source_id", "objaverse_id", "quality"),
 )
 
 DISTRACTORS = TableSpec(
@@ -124,8 +142,13 @@ def check_columns(table: pa.Table, spec: TableSpec, where: str = "") -> None:
 
 
 def conform(table: pa.Table, spec: TableSpec) -> pa.Table:
-    """Select and cast the columns of `spec` (fixed metadata columns only), keeping tensor columns."""
+    """Select and cast the columns of `spec` (fixed metadata columns only), keeping tensor columns;
+    optional columns the table lacks are added as nulls."""
     check_columns(table, spec)
+    for c in spec.optional:
+        if c not in table.column_names:
+            table = table.append_column(spec.schema.field(c), pa.nulls(table.num_rows,
+                                                                       spec.schema.field(c).type))
     fields = []
     for f in spec.schema:
         fields.append(f)

@@ -5,6 +5,10 @@ Layout: `<root>/<table>/[<col>=<val>/]part-<write-id>-<n>.parquet`. A write goes
 finished file is then moved into place, so a killed write never leaves a partial file visible.
 A stage that finishes writes `<table>/_SUCCESS.json` with its counts; reruns skip keys already
 present, so a crash between moves is repaired without duplicates.
+
+Every commit holds the table's commit lock (`nearid.leases`), refuses keys the table already holds
+(key columns only) and records its parts (rows, bytes, checksum) in `<table>/_manifest.json`
+(`nearid.manifest`); reads check part sizes against that manifest before pyarrow opens a file.
 """
 from __future__ import annotations
 
@@ -28,6 +32,22 @@ _PART_VALUE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 class StorageError(RuntimeError):
     """Storage cannot be reached or used; the message names the endpoint/path and what to check."""
+
+
+class TableCorrupt(StorageError):
+    """A part of a table is missing, truncated, altered or unreadable; names the parts."""
+
+    def __init__(self, message: str, table: str | None = None, parts: list[str] | None = None):
+        super().__init__(message)
+        self.table, self.parts = table, list(parts or [])
+
+
+class DuplicateKeys(StorageError):
+    """A commit would add keys the table already holds (or repeats keys within itself)."""
+
+    def __init__(self, message: str, table: str | None = None):
+        super().__init__(message)
+        self.table = table
 
 
 def _s3_filesystem(endpoint_url=None, region=None, key=None, secret=None):
@@ -172,26 +192,19 @@ class Storage:
         self.fs.create_dir(path, recursive=True)
         return write_id, path
 
-    def commit_staging(self, table: str, write_id: str) -> list[str]:
-        """Move every finished file of a staged write into the table; returns the final paths."""
-        stage = self.path(table, "_staging", write_id)
-        infos = self.fs.get_file_info(pafs.FileSelector(stage, recursive=True, allow_not_found=True))
-        moved = []
-        for info in infos:
-            if info.type != pafs.FileType.File or not info.path.endswith(".parquet"):
-                continue
-            rel = info.path[len(stage) + 1:]
-            head, _, name = rel.rpartition("/")
-            final = self.path(table, head, f"part-{write_id}-{name}") if head else \
-                self.path(table, f"part-{write_id}-{name}")
-            self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
-            self.fs.move(info.path, final)
-            moved.append(final)
-        self._rmtree(stage)
-        return moved
+    def commit_staging(self, table: str, write_id: str, key: Iterable[str] | None = None,
+                       check_keys: bool = True) -> list[str]:
+        """Move every finished file of a staged write into the table; returns the final paths.
+
+        Under the table's commit lock: the staged keys (`key`, else the key the writing stage's
+        lease registered, the manifest's or the schema's) must be new to the table, or nothing
+        moves (`DuplicateKeys`); the moved parts are then recorded in the table's manifest."""
+        from .manifest import commit
+
+        return commit(self, table, write_id, tuple(key) if key else None, check_keys)
 
     def write_table(self, spec: TableSpec | str, table: pa.Table,
-                    partition_by: Iterable[str] | None = None) -> list[str]:
+                    partition_by: Iterable[str] | None = None, check_keys: bool = True) -> list[str]:
         """Atomically add `table`'s rows to a table, partitioned hive-style."""
         name = spec if isinstance(spec, str) else spec.name
         parts = list(partition_by if partition_by is not None else
@@ -221,36 +234,60 @@ class Storage:
         except BaseException:
             self._rmtree(stage)
             raise
-        return self.commit_staging(name, write_id)
+        return self.commit_staging(name, write_id, check_keys=check_keys)
 
     def replace_table(self, spec: TableSpec | str, table: pa.Table,
                       partition_by: Iterable[str] | None = None) -> list[str]:
         """Replace a whole (small, derived) table: old parts go only after the new ones exist."""
+        from .leases import commit_lock
+        from .manifest import forget, parts_on_disk
+
         name = spec if isinstance(spec, str) else spec.name
-        sel = pafs.FileSelector(self.path(name), recursive=True, allow_not_found=True)
-        old = [i.path for i in self.fs.get_file_info(sel)
-               if i.path.endswith(".parquet") and "/_" not in i.path[len(self.path(name)):]]
-        new = self.write_table(spec, table, partition_by)
-        for p in old:
-            if p not in new:
-                self.fs.delete_file(p)
+        old = list(parts_on_disk(self, name))
+        new = self.write_table(spec, table, partition_by, check_keys=False)
+        fresh = {p[len(self.path(name)) + 1:] for p in new}
+        old = [r for r in old if r not in fresh]
+        with commit_lock(self, name):
+            forget(self, name, old)
+            for rel in old:
+                self.fs.delete_file(self.path(name, rel))
         return new
 
     def table_exists(self, name: str) -> bool:
-        sel = pafs.FileSelector(self.path(name), recursive=True, allow_not_found=True)
-        return any(i.path.endswith(".parquet") and "/_" not in i.path[len(self.path(name)):]
-                   for i in self.fs.get_file_info(sel))
+        from .manifest import load, parts_on_disk
+
+        if parts_on_disk(self, name):
+            return True
+        m = load(self, name)      # every part gone but recorded: exists, and reading it says what broke
+        return bool(m and m["parts"])
+
+    def validated_parts(self, name: str) -> dict[str, dict]:
+        """The table's part files after a size check against its manifest (`TableCorrupt` names
+        missing/truncated/altered parts); `FileNotFoundError` when there is no such table."""
+        from .manifest import validate
+
+        m, parts = validate(self, name)
+        if not parts and not (m and m["parts"]):
+            raise FileNotFoundError(f"table '{name}' not found under {self.uri(name)}")
+        return parts
 
     def dataset(self, name: str) -> pads.Dataset:
+        self.validated_parts(name)
         return pads.dataset(self.path(name), filesystem=self.fs, format="parquet",
                             partitioning="hive", ignore_prefixes=["_", "."])
 
     def read_table(self, spec: TableSpec | str, columns: list[str] | None = None,
                    filter=None) -> pa.Table:
         name = spec if isinstance(spec, str) else spec.name
-        if not self.table_exists(name):
-            raise FileNotFoundError(f"table '{name}' not found under {self.uri(name)}")
-        table = self.dataset(name).to_table(columns=columns, filter=filter)
+        try:
+            table = self.dataset(name).to_table(columns=columns, filter=filter)
+        except pa.ArrowInvalid as e:   # sizes match but a file does not parse
+            text = str(e).lower()
+            if not any(w in text for w in ("parquet", "magic", "thrift", self.path(name).lower())):
+                raise
+            raise TableCorrupt(f"table '{name}' under {self.uri(name)} has an unreadable part ({e}); run "
+                               f"`nearid verify {self.root} {name}` to find it and `--repair` to move it "
+                               "aside, then rerun the stage that writes it", table=name) from None
         # hive partition columns come back dictionary-encoded; the schema says plain strings
         for i, field in enumerate(table.schema):
             if pa.types.is_dictionary(field.type):

@@ -17,7 +17,10 @@ from typing import Any
 
 log = logging.getLogger("nearid.tracking")
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|token|access_key|credential|api_key)", re.I)
+# Narrow on purpose: a word anywhere (secret_access_key, db_password) or a credential noun at the
+# end of the key's last part (hf_token, api_key); `token_mixing` or `write_tokens` are settings.
+_SECRET_WORD = re.compile(r"(^|_)(secret|password|passwd|credentials?)(_|$)")
+_SECRET_END = re.compile(r"(^|_)(token|api_?key|access_?key|auth|bearer)$")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
                "MLFLOW_TRACKING_TOKEN", "HF_TOKEN")
 
@@ -28,7 +31,8 @@ def scrub(params: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for k, v in params.items():
         text = str(v)
-        if _SECRET_KEY.search(k) or any(s and s in text for s in secrets):
+        last = str(k).rsplit(".", 1)[-1].lower().replace("-", "_")
+        if _SECRET_WORD.search(last) or _SECRET_END.search(last) or any(s and s in text for s in secrets):
             out[k] = "***"
         else:
             out[k] = text[:500]

@@ -10,7 +10,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+# a stall detector, not a speed limit: wide because CI may share a loaded box (pytest-timeout bounds tests)
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
@@ -51,3 +52,46 @@ def s3_server():
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="nearid-test")
     yield endpoint, "nearid-test"
     server.stop()
+
+
+class JobProcess:
+    """Runs `python -m <args>` in its own session with its output kept in a log file under tmp_path,
+    so a failing assertion can show what the child printed (`.tail()`)."""
+
+    def __init__(self, tmp_path):
+        self.dir = tmp_path
+        self.n = 0
+
+    def run(self, args: list[str], env: dict | None = None, timeout: float = 600) -> tuple[int, str]:
+        import signal
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        self.n += 1
+        log = self.dir / f"job-{self.n}-{args[0]}.log"
+        full_env = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
+        with open(log, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", *args], cwd=root, env=full_env,
+                                    start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = None
+            finally:
+                try:  # a killed driver's own local Ray processes go with it
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.last_log = log
+        return rc, log.read_text(errors="replace")
+
+    def tail(self, n: int = 80) -> str:
+        lines = self.last_log.read_text(errors="replace").splitlines()
+        return f"--- last {min(n, len(lines))} lines of {self.last_log} ---\n" + "\n".join(lines[-n:])
+
+
+@pytest.fixture
+def job_process(tmp_path):
+    return JobProcess(tmp_path)

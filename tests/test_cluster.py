@@ -253,7 +253,6 @@ def test_jobs_fail_fast_naming_a_dead_endpoint(tmp_path):
                    f"tracking.uri=http://127.0.0.1:{port}"),
     }
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    t0 = time.time()
     procs = {name: subprocess.Popen([PY, "-m", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for name, (args, _) in cases.items()}
     for name, p in procs.items():
@@ -262,8 +261,8 @@ def test_jobs_fail_fast_naming_a_dead_endpoint(tmp_path):
         assert p.returncode == 2, (name, err[-2000:])
         assert last.startswith("error: ") and cases[name][1] in last, (name, last)
         assert "Traceback" not in err, name
-    # generous for a loaded CI box: the probes take seconds, a hanging ray.init takes many minutes
-    assert time.time() - t0 < 120
+    # no wall-clock assertion (a loaded CI box is slow): communicate(timeout=180) above already
+    # fails the test if a job hangs on a dead endpoint instead of refusing it
     assert not (tmp_path / "r" / "positives").exists()   # nothing was written
 
 

@@ -48,3 +48,15 @@ def test_secrets_never_dumped():
     assert "TOPSECRET123" not in text and "AKIAXYZ" not in text
     assert config_to_dict(cfg)["storage"]["secret_access_key"] == "***"
     assert cfg.storage.secret_access_key.get_secret_value() == "TOPSECRET123"
+
+
+def test_secret_rule_hides_credentials_but_not_settings_named_like_them():
+    from nearid.tracking import scrub
+
+    out = scrub({"storage.secret_access_key": "abc", "storage.key": "k", "hub.hf_token": "t", "x.api_key": "a",
+                 "db.password": "p", "extract.backbone.tiny.token_mixing": False, "extract.write_tokens": True,
+                 "train.max_tokens": 5, "storage.access_key": "ak", "tracking.auth": "u:p"})
+    hidden = {k for k, v in out.items() if v == "***"}
+    assert hidden == {"storage.secret_access_key", "hub.hf_token", "x.api_key", "db.password",
+                      "storage.access_key", "tracking.auth"}
+    assert out["extract.backbone.tiny.token_mixing"] == "False" and out["extract.write_tokens"] == "True"

@@ -66,3 +66,18 @@ def test_report_formats():
     md = to_markdown(df)
     assert "| nearid | 50.00 | - | 10 |" in md and "0.123" in md
     assert to_latex(df).count("\\\\") == 3
+
+
+def test_nearid_bench_reports_seen_and_unseen_settings():
+    # flux (trained on) wins every term; sdxl (never trained on) loses every term
+    rows = [("a", v, "positive", "test", unit(10 * v)) for v in range(3)]
+    rows += [("a", v, "flux", "test", unit(10 * v + 30)) for v in range(3)]
+    rows += [("a", v, "sdxl", "test", unit(10 * v + 1)) for v in range(3)]
+    _, table = nearid_bench(emb_frame(rows), "test", None, [], seen=["flux"])
+    assert list(table["setting"]) == ["flux", "sdxl", "seen", "unseen", "pooled"]
+    t = table.set_index("setting")
+    assert (t.loc["seen", "ssr"], t.loc["unseen", "ssr"], t.loc["pooled", "ssr"]) == (100, 0, 50)
+    assert t.loc["unseen", "n"] == 1 and t.loc["pooled", "n"] == 2
+    # every pooled setting trained on: no unseen group, no extra rows
+    _, table = nearid_bench(emb_frame(rows), "test", None, [], seen=["flux", "sdxl"])
+    assert list(table["setting"]) == ["flux", "sdxl", "pooled"]

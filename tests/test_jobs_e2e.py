@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,28 +120,15 @@ def _fresh_root_with_positives(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _run_killed(args: list[str], fault: str) -> int:
-    env = {**os.environ, "NEARID_FAULT": fault, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        rc = proc.wait(timeout=400)
-    finally:
-        try:  # the killed driver's own local Ray processes go with it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return rc
-
-
-def test_generate_and_extract_drivers_killed_then_resubmitted(pipeline_run, tmp_path, ray_local):
+def test_generate_and_extract_drivers_killed_then_resubmitted(pipeline_run, tmp_path, ray_local, job_process):
     from jobs import extract, generate
 
     src, _ = pipeline_run
     root = _fresh_root_with_positives(src, tmp_path / "kill")
     a = argv_for(root, "generate.settings={flux: {backend: procedural}}")
-    rc = _run_killed(["jobs.generate", *a, "--chunk-rows", "30"], "generate:exit_after_chunks:1")
-    assert rc == 137
+    rc, _ = job_process.run(["jobs.generate", *a, "--chunk-rows", "30"],
+                            {"NEARID_FAULT": "generate:exit_after_chunks:1"})
+    assert rc == 137, job_process.tail()
     st = Storage.open(str(root))
     partial = _keys(st, "distractors", ["id", "view"])
     assert 0 < len(partial) < 108 and len(partial) == len(set(partial))
@@ -152,8 +137,8 @@ def test_generate_and_extract_drivers_killed_then_resubmitted(pipeline_run, tmp_
     assert len(keys) == len(set(keys)) == 108 and summary["flux"]["ok"] == 108
 
     e = a + ["--set", "extract.sources=[positive,flux]"]
-    rc = _run_killed(["jobs.extract", *e], "extract:exit_after_chunks:1")
-    assert rc in (0, 137)  # one chunk may hold everything at this size
+    rc, _ = job_process.run(["jobs.extract", *e], {"NEARID_FAULT": "extract:exit_after_chunks:1"})
+    assert rc in (0, 137), job_process.tail()  # one chunk may hold everything at this size
     extract.main(e)
     keys = _keys(st, "features", ["id", "view", "source"])
     assert len(keys) == len(set(keys)) == 216
@@ -253,13 +238,13 @@ def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(pipeline_run, tmp
     assert abs(out["metrics"]["loss"] - clean["metrics"]["loss"]) <= 0.5 * clean["metrics"]["loss"]
 
 
-def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local):
+def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local, job_process):
     from jobs import train
 
     root, _ = pipeline_run
     a = argv_for(root, "train.checkpoint_every_steps=2", "train.epochs=2") + ["--run-name", "fault-driver"]
-    rc = _run_killed(["jobs.train", *a], "train:kill_driver_after_step:2")
-    assert rc == -signal.SIGKILL
+    rc, _ = job_process.run(["jobs.train", *a], {"NEARID_FAULT": "train:kill_driver_after_step:2"})
+    assert rc == -signal.SIGKILL, job_process.tail()
     summary = train.main(a)
     assert summary["metrics"]["resumed_from_step"] >= 2
 
@@ -313,3 +298,74 @@ def test_batch_scoring_job_and_cli(pipeline_run, tmp_path, ray_local, capsys):
     assert abs(float(capsys.readouterr().out.strip()) * 100 - expected) < 1e-2
     assert cli.main(["report", str(root)]) == 0
     assert "| nearid |" in capsys.readouterr().out
+
+
+# ---- the training recipe (issue 16) -------------------------------------------------------------
+def test_items_hold_each_mtg_copy_once_and_none_with_mtg_repeat_zero(pipeline_run, ray_local):
+    from nearid.stages.train import build_items, train_settings
+
+    root, _ = pipeline_run
+    st = Storage.open(str(root))
+    cfg = cfg_for(root)
+    settings = train_settings(cfg, st)
+    n_mtg_train = st.read_table("mtg", columns=["split"], filter=pc.field("split") == "train").num_rows
+    assert n_mtg_train > 0
+    name, n4 = build_items(ray_local, cfg, st, "train", settings, 4)
+    ids = st.read_table(name, columns=["id"])["id"].to_pylist()
+    mtg = [i for i in ids if i.startswith("mtg:")]
+    assert len(mtg) == len(set(mtg)) == 4 * n_mtg_train
+    name, n0 = build_items(ray_local, cfg, st, "train", settings, 0)
+    ids0 = st.read_table(name, columns=["id"])["id"].to_pylist()
+    assert not [i for i in ids0 if i.startswith("mtg:")] and n0 == n4 - len(mtg)
+    build_items(ray_local, cfg, st, "train", settings, cfg.train.mtg_repeat)   # back for later tests
+
+
+def test_publish_final_or_best_and_say_which(pipeline_run, ray_local):
+    from nearid.model import NearIDModel
+    from nearid.stages.train import run_train
+    from nearid.training.loop import steps_for
+
+    root, _ = pipeline_run
+    st = Storage.open(str(root))
+    common = ["train.checkpoint_every_steps=2", "train.val_every_steps=2", "train.epochs=2", "train.mtg_repeat=0"]
+    final = run_train(cfg_for(root, *common), st, ray_local, None, run_name="publish-final")
+    n_items = st.read_table("items_tokens_train", columns=["id"]).num_rows
+    total = steps_for(n_items, 16, 1, 2)
+    assert final["mtg_items"] == 0
+    assert final["published"]["which"] == "final" and final["published"]["step"] == total == final["metrics"]["step"]
+    saved = st.read_json("models/publish-final/train_summary.json")
+    assert saved["published"] == final["published"]
+    card = (root / "models/publish-final/README.md").read_text()
+    assert f"The final checkpoint: step {total}" in card
+    best = run_train(cfg_for(root, *common, "train.publish=best"), st, ray_local, None, run_name="publish-best")
+    assert best["published"]["which"] == "best"
+    assert best["published"]["val"]["val_ssr"] >= best["metrics"]["val_ssr"]
+    assert f"The best checkpoint: step {best['published']['step']}" in (root / "models/publish-best/README.md").read_text()
+    NearIDModel.from_pretrained(str(root / "models/publish-best"))
+
+
+def test_same_seed_gives_the_same_model_and_table(pipeline_run, ray_local):
+    from nearid.stages.evaluate import evaluate_scorers
+    from nearid.stages.train import run_train
+
+    root, _ = pipeline_run
+    st = Storage.open(str(root))
+    cfg = cfg_for(root, "train.epochs=2")
+    runs = [run_train(cfg, st, ray_local, None, run_name=f"det-{k}") for k in "ab"]
+    assert runs[0]["metrics"]["loss"] == runs[1]["metrics"]["loss"]
+    rows = [evaluate_scorers(cfg, st, [f"nearid:{r['model_dir']}"], ray_local)["rows"][0] for r in runs]
+    for key in ("nearid_ssr", "nearid_pa", "mtg_m_o", "db_m_h"):
+        assert round(rows[0][key], 2) == round(rows[1][key], 2), key
+
+
+def test_backbone_in_the_loop_training_end_to_end(pipeline_run, ray_local):
+    from nearid.model import NearIDModel
+    from nearid.stages.train import run_train
+
+    root, _ = pipeline_run
+    st = Storage.open(str(root))
+    out = run_train(cfg_for(root, "train.input_mode=images", "train.epochs=1", "train.mtg_repeat=1"),
+                    st, ray_local, None, run_name="images-mode")
+    assert out["metrics"]["step"] >= 1 and out["mtg_items"] > 0
+    assert st.table_exists("items_images_train")
+    assert NearIDModel.from_pretrained(out["model_dir"]).embedding_dim == 64

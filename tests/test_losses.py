@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from nearid.losses import LOSSES, LossOutput, build_loss
 
-ALL_NAMES = ["nearid", "infonce", "circle", "circle_ranking", "triplet", "siglip", "arcface"]
+ALL_NAMES = ["nearid", "infonce", "circle", "circle_ranking", "circle_softplus_ranking", "triplet", "siglip",
+             "arcface"]
 E = math.e
 
 
@@ -73,16 +74,26 @@ def test_circle_and_circle_ranking_by_hand():
     loss1 = math.log(1 + math.exp(-0.0625) * (math.exp(-0.0625) + 1))
     circle = build_loss("circle", margin=m, gamma=gamma)(*example1())
     close(circle.loss, (loss0 + loss1) / 2)
-    both = build_loss("circle_ranking", margin=m, gamma=gamma, alpha=0.5, temperature=0.5)(*example1())
+    # ExtendedCircleLoss's hinge, pool of M = 2 rows: b0 vs p1 (cos 0), distractor cos 0 ->
+    # relu(0 - 0 + 0.25) / 2; b1 vs p0 (cos 0), distractor cos -1 -> relu(0 + 1 + 0.25) / 2.
+    both = build_loss("circle_ranking", margin=m, gamma=gamma, alpha=0.5)(*example1())
+    hinge = (0.25 / 2 + 1.25 / 2) / 2
+    close(both.terms["ranking"], hinge)
+    close(both.loss, (loss0 + loss1) / 2 + 0.5 * hinge)
+    ours = build_loss("circle_softplus_ranking", margin=m, gamma=gamma, alpha=0.5, temperature=0.5)(*example1())
     ranking = (softplus(0) + softplus(2)) / 2
-    close(both.terms["ranking"], ranking)
-    close(both.loss, (loss0 + loss1) / 2 + 0.5 * ranking)
+    close(ours.terms["ranking"], ranking)
+    close(ours.loss, (loss0 + loss1) / 2 + 0.5 * ranking)
 
 
 def test_siglip_by_hand():
     out = build_loss("siglip", temperature=0.5, bias=-1.0)(*example1())
-    # logit = 2 cos - 1: positives (cos 1) -> softplus(-1); negatives cos 0 -> softplus(-1), cos -1 -> softplus(-3).
-    close(out.loss, (5 * softplus(-1) + softplus(-3)) / 2)
+    # logit = 2 cos - 1. Dense (2 anchors x 2 pool rows): own positives cos 1 -> softplus(-1),
+    # the other row cos 0 -> softplus(-1); mean softplus(-1). Hard: distractors cos 0 and -1.
+    dense, hard = softplus(-1), (softplus(-1) + softplus(-3)) / 2
+    close(out.terms["dense"], dense)
+    close(out.terms["hard"], hard)
+    close(out.loss, dense + hard)
 
 
 def test_triplet_semi_hard_and_fallback_by_hand():
@@ -99,16 +110,35 @@ def test_triplet_semi_hard_and_fallback_by_hand():
     close(out.terms["semi_hard_fraction"], 0.5)
 
 
-def test_arcface_by_hand_including_the_fallback_branch():
+def test_arcface_by_hand_distractors_only_and_no_fallback():
     anchor = t([[1, 0], [1, 0]])
-    positive = t([[[1, math.sqrt(3)]], [[-1, 0]]])  # target angles 60 degrees and 180 degrees
-    negative = t([[[0, 1]], [[0, -1]]])
-    out = build_loss("arcface", margin=0.5, temperature=1.0)(anchor, positive, negative)
-    phi0 = math.cos(math.pi / 3 + 0.5)
-    phi1 = -1 - 0.5 * math.sin(0.5)  # theta + m > pi: cos - m sin(m)
-    ce0 = math.log(math.exp(phi0) + math.exp(-1) + 1) - phi0
-    ce1 = math.log(math.exp(0.5) + math.exp(phi1) + 1) - phi1
+    wide = math.radians(170)  # theta + m passes pi: the reference still uses cos(theta + m)
+    positive = t([[[1, math.sqrt(3)]], [[math.cos(wide), math.sin(wide)]]])
+    negative = t([[[0, 1]], [[0, -1]]])  # both distractors at cos 0; the pool takes no part
+    out = build_loss("arcface", margin=0.5, temperature=1.0, scale=1.0)(anchor, positive, negative)
+    phi0, phi1 = math.cos(math.pi / 3 + 0.5), math.cos(wide + 0.5)
+    ce0 = math.log(math.exp(phi0) + 1) - phi0
+    ce1 = math.log(math.exp(phi1) + 1) - phi1
     close(out.loss, (ce0 + ce1) / 2, tol=1e-5)
+    # The logit scale is scale / temperature (64 / 0.07 by default).
+    scaled = build_loss("arcface", margin=0.5, temperature=0.5, scale=2.0)(anchor, positive, negative)
+    close(scaled.loss, sum(math.log(math.exp(4 * f) + 1) - 4 * f for f in (phi0, phi1)) / 2, tol=1e-5)
+    # No distractor slots (K = 0): the reference switches to softplus(-logit).
+    alone = build_loss("arcface", margin=0.5, temperature=1.0, scale=1.0)(anchor, positive, negative[:, :0])
+    close(alone.loss, (softplus(-phi0) + softplus(-phi1)) / 2, tol=1e-5)
+
+
+def test_arcface_clamps_a_positive_equal_to_the_anchor_like_the_reference():
+    anchor = t([[3, 4]]).requires_grad_(True)
+    positive = t([[[3, 4]]]).requires_grad_(True)  # cos exactly 1
+    negative = t([[[-4, 3]]])  # cos 0
+    out = build_loss("arcface", margin=0.5, temperature=1.0, scale=1.0)(anchor, positive, negative)
+    c = 1 - 1e-4  # the reference clamps first: cos(acos(1 - 1e-4) + m), not cos(m)
+    phi = math.cos(math.acos(c) + 0.5)
+    assert abs(phi - math.cos(0.5)) > 1e-3
+    close(out.loss, math.log(math.exp(phi) + 1) - phi, tol=1e-6)
+    out.loss.backward()  # at the clamp, sqrt(1 - cos^2) must not send NaN back
+    assert torch.isfinite(anchor.grad).all() and torch.isfinite(positive.grad).all()
 
 
 def test_nearid_with_masked_slots_by_hand():
@@ -189,34 +219,140 @@ def test_nearid_and_infonce_equal_loop_reference():
     close(tier1.loss, disc)
 
 
-def test_circle_siglip_arcface_triplet_equal_loop_reference():
+def test_circle_triplet_softplus_ranking_equal_loop_reference():
     raw = random_batch(2)
     a, p, n = unit(*raw)
     bsz, slots = p.shape[:2]
-    m, gamma = 0.25, 64.0
-    circle, siglip, triplet = [], [], []
+    triplet = []
     for b in range(bsz):
-        sp = [float(a[b] @ x) for x in p[b]]
-        sn = negatives_of(a, p, n, b)
-        pos_part = lse([-gamma * max(0, 1 + m - s) * (s - (1 - m)) for s in sp])
-        neg_part = lse([gamma * max(0, s + m) * (s - m) for s in sn])
-        circle.append(softplus(pos_part + neg_part))
-        siglip.append(sum(softplus(-(s / 0.07 - 10)) for s in sp) + sum(softplus(s / 0.07 - 10) for s in sn))
-        for s in sp:
-            d_ap, d_an = 1 - s, [1 - x for x in sn]
+        for s in [float(a[b] @ x) for x in p[b]]:
+            d_ap, d_an = 1 - s, [1 - x for x in negatives_of(a, p, n, b)]
             semi = [d for d in d_an if d_ap < d < d_ap + 0.2]
             triplet.append(max(0.0, d_ap - (min(semi) if semi else min(d_an)) + 0.2))
-
-    def arc(c):
-        theta = math.acos(c)
-        return math.cos(theta + 0.5) if theta + 0.5 < math.pi else c - 0.5 * math.sin(0.5)
-
-    close(build_loss("circle")(*raw).loss, sum(circle) / bsz)
-    close(build_loss("siglip")(*raw).loss, sum(siglip) / bsz)
+    circle = ref_circle(a, p, n, *all_valid(p, n))
+    close(build_loss("circle")(*raw).loss, circle)
     close(build_loss("triplet")(*raw).loss, sum(triplet) / (bsz * slots))
-    close(build_loss("arcface")(*raw).loss, reference_pool_ce(a, p, n, 0.07, arc), tol=1e-5)
     ranking = reference_ranking(a, p, n, 0.07)
-    close(build_loss("circle_ranking")(*raw).loss, sum(circle) / bsz + 0.5 * ranking)
+    close(build_loss("circle_softplus_ranking")(*raw).loss, circle + 0.5 * ranking)
+
+
+# The three reference forms below are written from Gorluxor/NearID training/losses.py
+# (ExtendedCircleLoss, BaselineSigLIPLoss, BaselineAngularContrastiveLoss) as plain loops over
+# the valid entries only: an invalid slot appears in no sum and no count.
+
+
+def valid_pool(pm):
+    return [(c, q) for c in range(pm.shape[0]) for q in range(pm.shape[1]) if pm[c, q]]
+
+
+def ref_circle_hinge(a, p, n, pm, nm, m=0.25):
+    """Mean over valid (b, k) of sum_{valid pool rows of other samples} relu(c_pool - c_neg + m) / M,
+    M = every valid pool row (the anchor's own positives count in M and add 0)."""
+    pool = valid_pool(pm)
+    terms = []
+    for b in range(a.shape[0]):
+        for k in range(n.shape[1]):
+            if nm[b, k]:
+                c_neg = float(a[b] @ n[b, k])
+                hinge = sum(max(0.0, float(a[b] @ p[c, q]) - c_neg + m) for c, q in pool if c != b)
+                terms.append(hinge / len(pool))
+    return sum(terms) / len(terms)
+
+
+def ref_circle(a, p, n, pm, nm, m=0.25, gamma=64.0):
+    values = []
+    for b in range(a.shape[0]):
+        sp = [float(a[b] @ p[b, q]) for q in range(p.shape[1]) if pm[b, q]]
+        sn = [float(a[b] @ p[c, q]) for c, q in valid_pool(pm) if c != b] + \
+            [float(a[b] @ n[b, k]) for k in range(n.shape[1]) if nm[b, k]]
+        pos_part = lse([-gamma * max(0, 1 + m - s) * (s - (1 - m)) for s in sp])
+        neg_part = lse([gamma * max(0, s + m) * (s - m) for s in sn])
+        values.append(softplus(pos_part + neg_part))
+    return sum(values) / len(values)
+
+
+def ref_siglip(a, p, n, pm, nm, t=1 / 0.07, bias=-10.0):
+    """mean over B x valid pool rows of BCE(t c + b, own positive ?) + mean over valid (b, k) of
+    BCE(t c + b, 0); BCE(z, 1) = softplus(-z), BCE(z, 0) = softplus(z)."""
+    pool = valid_pool(pm)
+    dense = 0.0
+    for b in range(a.shape[0]):
+        for c, q in pool:
+            z = t * float(a[b] @ p[c, q]) + bias
+            dense += softplus(-z) if c == b else softplus(z)
+    dense /= a.shape[0] * len(pool)
+    hard = [softplus(t * float(a[b] @ n[b, k]) + bias)
+            for b in range(a.shape[0]) for k in range(n.shape[1]) if nm[b, k]]
+    return dense + sum(hard) / len(hard)
+
+
+def ref_arcface(a, p, n, pm, nm, m=0.5, scale=64.0, tau=0.07):
+    """Mean over valid (b, q) of CE([cos(theta + m), c(a_b, valid n_b)] * scale / tau, target 0);
+    the cosine is clamped 1e-4 inside [-1, 1] before and after the margin, as the reference does."""
+    s, eps = scale / tau, 1e-4
+    ces = []
+    for b in range(a.shape[0]):
+        for q in range(p.shape[1]):
+            if pm[b, q]:
+                c = min(max(float(a[b] @ p[b, q]), -1 + eps), 1 - eps)
+                phi = min(max(math.cos(math.acos(c) + m), -1 + eps), 1 - eps)
+                logits = [phi * s] + [float(a[b] @ n[b, k]) * s for k in range(n.shape[1]) if nm[b, k]]
+                ces.append(lse(logits) - phi * s)
+    return sum(ces) / len(ces)
+
+
+def all_valid(p, n):
+    return torch.ones(p.shape[:2], dtype=torch.bool), torch.ones(n.shape[:2], dtype=torch.bool)
+
+
+# The reference classes themselves, run once offline (float64 inputs; they compute Circle and
+# ArcFace in float32) on random_batch(0, b=4, p=2, k=3, d=8):
+REF_SEED0 = {"circle": 99.51637268066406, "circle_ranking.tier": 0.21662516983677524,
+             "circle_ranking": 99.62468526558246, "siglip": 2.9082866919832053, "arcface": 843.8917236328125}
+
+
+def test_circle_ranking_siglip_arcface_equal_the_reference_formulas():
+    raw = random_batch(0, b=4, p=2, k=3, d=8)
+    a, p, n = unit(*raw)
+    pm, nm = all_valid(p, n)
+    hinge, circle = ref_circle_hinge(a, p, n, pm, nm), ref_circle(a, p, n, pm, nm)
+    both = build_loss("circle_ranking")(*raw)
+    close(both.terms["ranking"], hinge, tol=1e-5)
+    close(both.terms["circle"], circle, tol=1e-5)
+    close(both.loss, circle + 0.5 * hinge, tol=1e-5)
+    close(build_loss("siglip")(*raw).loss, ref_siglip(a, p, n, pm, nm), tol=1e-5)
+    close(build_loss("arcface")(*raw).loss, ref_arcface(a, p, n, pm, nm), tol=1e-5)
+    # ... and the loop formulas are the reference classes' numbers.
+    close(circle, REF_SEED0["circle"], tol=1e-5)
+    close(hinge, REF_SEED0["circle_ranking.tier"], tol=1e-5)
+    close(circle + 0.5 * hinge, REF_SEED0["circle_ranking"], tol=1e-5)
+    close(ref_siglip(a, p, n, pm, nm), REF_SEED0["siglip"], tol=1e-5)
+    close(ref_arcface(a, p, n, pm, nm), REF_SEED0["arcface"], tol=1e-5)
+
+
+def test_circle_ranking_siglip_arcface_with_masked_slots_equal_the_formulas_over_valid_slots():
+    raw_a, raw_p, raw_n = random_batch(10, b=4, p=3, k=3, d=8)
+    pm = torch.tensor([[True, False, True], [True, True, True], [False, True, False], [True, True, False]])
+    nm = torch.tensor([[True, True, False], [False, False, False], [True, False, True], [True, True, True]])
+    a, p, n = unit(raw_a, raw_p, raw_n)
+    # Masked slots hold the anchor's own direction: if they leaked into any sum the loss would move.
+    garbage_p, garbage_n = raw_p.clone(), raw_n.clone()
+    garbage_p[~pm] = raw_a[(~pm).nonzero()[:, 0]]
+    garbage_n[~nm] = raw_a[(~nm).nonzero()[:, 0]]
+    args = (raw_a, garbage_p, garbage_n, pm, nm)
+    both = build_loss("circle_ranking", gamma=4.0)(*args)
+    close(both.terms["ranking"], ref_circle_hinge(a, p, n, pm, nm), tol=1e-5)
+    close(both.terms["circle"], ref_circle(a, p, n, pm, nm, gamma=4.0), tol=1e-5)
+    siglip = build_loss("siglip")(*args)
+    close(siglip.loss, ref_siglip(a, p, n, pm, nm), tol=1e-5)
+    close(build_loss("arcface", scale=1.0)(*args).loss, ref_arcface(a, p, n, pm, nm, scale=1.0), tol=1e-5)
+    close(build_loss("arcface")(*args).loss, ref_arcface(a, p, n, pm, nm), tol=1e-5)
+    # Not vacuous: counting the masked slots (all-valid masks over the same tensors) changes every one.
+    everything = (raw_a, garbage_p, garbage_n)
+    assert abs(build_loss("circle_ranking", gamma=4.0)(*everything).terms["ranking"] - both.terms["ranking"]) > 1e-3
+    assert abs(build_loss("siglip")(*everything).terms["total"] - siglip.terms["total"]) > 1e-3
+    assert abs(build_loss("arcface", scale=1.0)(*everything).terms["total"]
+               - ref_arcface(a, p, n, pm, nm, scale=1.0)) > 1e-3
 
 
 # ------------------------------------------------------------------ masking
@@ -285,7 +421,8 @@ def test_learnable_siglip_has_parameters_that_get_gradients():
     loss = build_loss("siglip", learnable=True)
     out = loss(*random_batch(7, dtype=torch.float32))
     out.loss.backward()
-    assert loss.log_scale.grad is not None and loss.bias.grad is not None
+    assert loss.scale.grad is not None and loss.bias.grad is not None
+    close(loss.scale, 1 / 0.07)
     assert len(list(build_loss("siglip").parameters())) == 0
 
 
@@ -363,7 +500,8 @@ def test_two_gloo_ranks_match_the_single_process_loss_and_gradients(tmp_path, mo
     pos_mask[[1, 4], 1] = False
     neg_mask[[0, 3], 2] = False
     hparams = {name: {} for name in ALL_NAMES}
-    hparams["circle"] = hparams["circle_ranking"] = {"gamma": 4.0}  # gamma 64 saturates at random inputs
+    for name in ("circle", "circle_ranking", "circle_softplus_ranking"):
+        hparams[name] = {"gamma": 4.0}  # gamma 64 saturates at random inputs
     torch.save({"anchor": a, "positive": p, "negative": n, "pos_mask": pos_mask, "neg_mask": neg_mask,
                 "losses": hparams}, tmp_path / "data.pt")
     mp.spawn(run_rank, args=(world, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path)),

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +16,7 @@ import pytest
 
 from nearid.config import load_config
 from nearid.storage import Storage
+from tune.state import GOOD_COPY, StateUnreadable, prepare_restore, read_state, state_files
 from tune.sweep import (GridSearcher, DefineByRun, SpaceError, TieBreakASHA, ablation_frame, apply_trial,
                         effective_params, load_space, plan_reports, recorded_trials, tie_broken)
 
@@ -47,6 +44,62 @@ def write_space(path: Path, text: str) -> Path:
 
 
 # ---- fast: the pure parts ------------------------------------------------------------------------
+def _state(**statuses) -> str:
+    return json.dumps({"trial_data": [[json.dumps({"trial_id": t, "status": st}), "{}"]
+                                      for t, st in statuses.items()], "runner_data": {}, "stats": {}})
+
+
+def test_torn_experiment_state_falls_back_to_the_last_intact_copy(tmp_path):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    assert read_state(str(exp)) is None and recorded_trials(str(exp)) == {}   # nothing saved yet
+    (exp / "experiment_state-2026-01-01_00-00-00.json").write_text(_state(a="TERMINATED"))
+    good = _state(a="TERMINATED", b="RUNNING")
+    newest = exp / "experiment_state-2026-01-02_00-00-00.json"
+    newest.write_text(good)
+    from tune.state import save_good_copy
+
+    assert save_good_copy(str(exp))["trial_data"]                 # what the StateKeeper callback does
+    newest.write_text(good[: len(good) // 2])                     # Tune was copying when we looked
+    assert recorded_trials(str(exp)) == {"a": "TERMINATED", "b": "RUNNING"}
+    newest.write_text("")                                         # an empty file reads the same
+    assert recorded_trials(str(exp)) == {"a": "TERMINATED", "b": "RUNNING"}
+    msg = prepare_restore(str(exp))
+    assert msg and "torn" in msg
+    assert json.loads(newest.read_text()) == json.loads(good)     # Tune restores from an intact file
+    assert [p.name for p in exp.glob("*.torn-*")] and len(state_files(str(exp))) == 2
+    assert prepare_restore(str(exp)) is None                      # nothing left to repair
+    (exp / GOOD_COPY).unlink()
+    newest.write_text("{")
+    with pytest.raises(StateUnreadable, match=newest.name):
+        read_state(str(exp), attempts=2, delay=0.01)
+
+
+def test_torn_experiment_state_is_reread_until_tune_finishes_writing(tmp_path, monkeypatch):
+    import threading
+
+    import tune.state as state_mod
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    f = exp / "experiment_state-2026-01-01_00-00-00.json"
+    full = _state(a="TERMINATED")
+    f.write_text(full[:10])
+    first_read = threading.Event()
+    real_parse = state_mod._parse
+
+    def parse_then_finish(fs, path):      # the writer completes the file right after our first read
+        out = real_parse(fs, path)
+        if not first_read.is_set():
+            first_read.set()
+            f.write_text(full)
+        return out
+
+    monkeypatch.setattr(state_mod, "_parse", parse_then_finish)
+    assert recorded_trials(str(exp)) == {"a": "TERMINATED"}
+    assert first_read.is_set()
+
+
 def test_plan_reports_mirrors_the_training_loop_schedule():
     cfg = load_config(None, ["train.batch_size=16", "train.epochs=2", "train.val_every_steps=50"])
     # 46 items / 16 = 2 steps per epoch, 2 reports per epoch wanted -> every step: 4 reports
@@ -241,7 +294,7 @@ def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tmp_path, ray_local):
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tmp_path, ray_local, job_process):
     from tune.sweep import run_sweep
 
     space = write_space(tmp_path / "resume.yaml", (
@@ -250,28 +303,24 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     # longer trials than the other tests: the kill must land while trials 3-4 still run
     extra = ["tune.num_samples=4", "tune.epochs=6", "train.epochs=6"]
     # save the experiment state every second so the hook sees finished trials before the rest end
-    env = {**os.environ, "NEARID_FAULT": "tune:kill_driver_after_trials:2", "PYTHONPATH": str(ROOT),
-           "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env = {"NEARID_FAULT": "tune:kill_driver_after_trials:2", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     args = [*argv_for(world, *extra), "--space", str(space), "--name", "resume"]
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.tune", *args], cwd=ROOT, env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        rc = proc.wait(timeout=400)
-    finally:
-        try:  # the killed driver's own local Ray goes with it
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert rc == 137
+    rc, _ = job_process.run(["jobs.tune", *args], env, timeout=600)
+    assert rc == 137, job_process.tail()
     exp = world / "tune/resume"
     before = recorded_trials(str(exp))
     finished = {t for t, s in before.items() if s == "TERMINATED"}
     assert len(finished) >= 2 and not (world / "reports/resume/summary.json").exists()
     snapshot = {t: (result_lines(exp / t), sorted(p.name for p in (exp / t).iterdir())) for t in finished}
+    # a driver killed while Tune copied its state leaves a torn file: the resume must survive it
+    newest = state_files(str(exp))[-1]
+    text = Path(newest).read_text()
+    Path(newest).write_text(text[: len(text) // 2])
 
     cfg = cfg_for(world, *extra)
     summary = run_sweep(cfg, Storage.open(str(world)), ray_local, str(space), name="resume")
     assert summary["trials"] == 4 and summary["errors"] == 0
+    assert any(".torn-" in p.name for p in exp.iterdir())   # the torn file is kept aside
     after = recorded_trials(str(exp))
     assert set(after) >= set(before) and len(after) == 4
     assert all(s == "TERMINATED" for s in after.values())

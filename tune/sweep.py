@@ -33,12 +33,12 @@ from typing import Any
 
 import pandas as pd
 import yaml
-from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
 from nearid.config import Config, LossConfig, TrainConfig, config_to_dict, flatten
 from nearid.losses import LOSSES
+from tune.state import StateKeeper, StateUnreadable, prepare_restore, recorded_trials
 
 log = logging.getLogger("nearid.tune")
 REPO = Path(__file__).resolve().parents[1]
@@ -446,49 +446,6 @@ def build_searcher(space: SearchSpace, kind: str, metric: str, mode: str, seed: 
     return OptunaSearch(space=DefineByRun(space), metric=metric, mode=mode, sampler=sampler)
 
 
-# ---- fault hook (tests) ------------------------------------------------------------------------------
-def recorded_trials(experiment_path: str, fs=None) -> dict[str, str]:
-    """trial id -> status in the newest saved experiment state of a Tune experiment: what a
-    restore will see (`fs`: the storage's pyarrow filesystem; local when omitted)."""
-    import pyarrow.fs as pafs
-
-    fs = fs or pafs.LocalFileSystem()
-    infos = fs.get_file_info(pafs.FileSelector(str(experiment_path), allow_not_found=True))
-    # the newest session by name, as Ray picks it (a restore re-uploads older files: mtime lies)
-    names = sorted(i.path for i in infos
-                   if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
-    if not names:
-        return {}
-    with fs.open_input_stream(names[-1]) as f:
-        state = json.loads(f.read())
-    out = {}
-    for trial_json, _meta in state.get("trial_data", []):
-        t = json.loads(trial_json)
-        out[t["trial_id"]] = t["status"]
-    return out
-
-
-class KillDriverAfterTrials(Callback):
-    """Test hook: NEARID_FAULT=tune:kill_driver_after_trials:<n> kills the sweep driver once, when
-    n trials are recorded as finished in the saved experiment state (a crashed driver, to be
-    resumed). Reads the variable at run time: the callback is pickled with the experiment."""
-
-    def __init__(self, experiment_path: str):
-        self.path, self.last = experiment_path, 0.0
-
-    def on_step_end(self, iteration, trials, **info):
-        spec = os.environ.get("NEARID_FAULT", "")
-        if not spec.startswith("tune:kill_driver_after_trials:") or time.time() - self.last < 1.0:
-            return
-        self.last = time.time()
-        marker = Path(self.path).parent / f"_fault_killed_{Path(self.path).name}"
-        done = [t for t, s in recorded_trials(self.path).items() if s == "TERMINATED"]
-        if not marker.exists() and len(done) >= int(spec.rsplit(":", 1)[1]):
-            marker.write_text(",".join(done))
-            log.warning("NEARID_FAULT: killing the sweep driver after %d recorded trials", len(done))
-            os._exit(137)
-
-
 # ---- the sweep ---------------------------------------------------------------------------------------
 def sweep_name(cfg: Config, space: SearchSpace, name: str | None) -> str:
     return name or f"{cfg.run.name}-{Path(space.path).stem}"
@@ -558,6 +515,7 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
     resources = {"cpu": tc.cpus_per_trial, "gpu": tc.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), resources)
     exp_path = storage.path("tune", name)  # with storage_filesystem Ray wants the scheme-less path
+    prepare_restore(exp_path, storage.fs)   # a torn state file (driver killed mid-copy) is set aside
     if tune.Tuner.can_restore(exp_path, storage_filesystem=storage.fs):
         log.info("resuming sweep %s from %s", name, exp_path)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
@@ -571,7 +529,12 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
     log.info("sweep %s: trials ran in %.1fs", name, fit_seconds)
     # After a SIGINT Tune returns normally and its in-memory trials all read TERMINATED; the saved
     # state keeps the truth. Summarising an interrupted sweep would mark it done (no resume).
-    recorded = recorded_trials(exp_path, storage.fs)
+    try:
+        recorded = recorded_trials(exp_path, storage.fs)
+    except StateUnreadable as e:   # fit() has returned: ask its results which trials ended
+        log.warning("%s; counting the trials Tune returned instead", e)
+        recorded = {r.path: "ERROR" if r.error else "TERMINATED" if (r.metrics or {}).get("done") else "RUNNING"
+                    for r in grid}
     done = sum(s in ("TERMINATED", "ERROR") for s in recorded.values())
     if done < num_samples:
         raise SweepInterrupted(f"sweep '{name}' stopped with {done} of {num_samples} trials finished; "
@@ -598,8 +561,7 @@ def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name,
                                  reduction_factor=tc.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    callbacks = [KillDriverAfterTrials(storage.path("tune", name))] \
-        if os.environ.get("NEARID_FAULT", "").startswith("tune:") and not storage.is_s3 else []
+    callbacks = [StateKeeper(storage.path("tune", name), storage.fs)]
     return tune.Tuner(
         trainable,
         param_space={},
@@ -764,7 +726,7 @@ def hparam_figure(rows: list[dict], metric: str):
 
 
 def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) -> dict:
-    from nearid.stages.train import _publish_model
+    from nearid.stages.train import publish_model
 
     tc = base_cfg.tune
     split = space.evaluate_split
@@ -780,7 +742,7 @@ def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) ->
     sign = 1 if tc.mode == "max" else -1
     best = max(ranked, key=lambda r: sign * r["score"])
     model_rel = f"models/{name}-best"
-    _publish_model(best["checkpoint"], storage, model_rel)
+    publish_model(best["checkpoint"], storage, model_rel)
     model_dir = storage.uri(model_rel)
     test = evaluate_model_dir(cfg, storage, model_dir, cfg.eval.split)
     eval_seconds = round(time.time() - t_eval, 1)

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..devices import to_host
 from ..metrics import build_sims, margins, mh_score, mtg_scores, nearid_table
 from ..schema import GRADED, MTG, column_to_numpy
 
@@ -89,7 +90,7 @@ def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
             continue
         tokens = torch.tensor(column_to_numpy(t["tokens"]).astype(np.float32))
         with torch.no_grad():
-            emb = model.embed_tokens(tokens).numpy()
+            emb = to_host(model.embed_tokens(tokens))
         df = t.select(["id", "view", "source", "split"]).to_pandas()
         df["embedding"] = list(emb)
         frames.append(df)
@@ -99,8 +100,10 @@ def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
     return out
 
 
-def nearid_bench(emb: pd.DataFrame, split: str, pooled: list[str] | None, held_apart: list[str]):
-    """sims rows + per-setting/pooled table for one scorer."""
+def nearid_bench(emb: pd.DataFrame, split: str, pooled: list[str] | None, held_apart: list[str],
+                 seen: list[str] | None = None):
+    """sims rows + per-setting/pooled table for one scorer. With `seen` (the training settings),
+    the table also pools the `seen` and the `unseen` settings (generators never trained on)."""
     e = emb[(emb["split"] == split) & (~emb["source"].isin(BENCH_SOURCES))]
     if e.empty:
         raise ValueError(f"no embeddings for split '{split}'")
@@ -111,6 +114,12 @@ def nearid_bench(emb: pd.DataFrame, split: str, pooled: list[str] | None, held_a
     if unknown:
         raise ValueError(f"pooled settings {unknown} have no distractors; available: {settings}")
     table = nearid_table(sims, by="setting", pooled=pooled, held_apart=[h for h in held_apart if h in settings])
+    if seen is not None:
+        groups = {"seen": [s for s in pooled if s in seen], "unseen": [s for s in pooled if s not in seen]}
+        if groups["unseen"]:
+            extra = [nearid_table(sims[sims["setting"].isin(g)], by="setting", pooled=g, pooled_name=name)
+                     .iloc[[-1]] for name, g in groups.items() if g]
+            table = pd.concat([table.iloc[:-1], *extra, table.iloc[[-1]]], ignore_index=True)
     return sims, table
 
 
@@ -182,10 +191,13 @@ def evaluate_scorers(cfg, storage, scorers: list[str], ray=None) -> dict:
         t0 = time.time()
         emb = scorer_embeddings(storage, cfg, scorer, ray)
         t1 = time.time()
-        sims, table = nearid_bench(emb, ec.split, ec.pooled_settings, held)
+        sims, table = nearid_bench(emb, ec.split, ec.pooled_settings, held, cfg.train.settings)
         pooled = table[table["setting"] == "pooled"].iloc[0]
         row = {"scorer": scorer, "nearid_ssr": pooled["ssr"], "nearid_pa": pooled["pa"],
                "nearid_pa_pure": pooled["pa_pure"], "rows": int(pooled["n"])}
+        unseen = table[table["setting"] == "unseen"]
+        if len(unseen):
+            row.update({"nearid_ssr_unseen": unseen["ssr"].iloc[0], "nearid_pa_unseen": unseen["pa"].iloc[0]})
         if mtg is not None:
             m = mtg_bench(emb, mtg, ec.split)
             row.update({f"mtg_{k}": m[k] for k in ("m_o", "m_o_pair", "ssr", "pa") if k in m})

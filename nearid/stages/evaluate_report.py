@@ -18,7 +18,7 @@ def per_setting_ssr(details: dict) -> pd.DataFrame:
     cols = {}
     for scorer, d in details.items():
         t = d["table"]
-        cols[scorer] = t[t["setting"] != "pooled"].set_index("setting")["ssr"]
+        cols[scorer] = t[~t["setting"].isin(report.GROUP_ROWS)].set_index("setting")["ssr"]
     return pd.DataFrame(cols)
 
 
@@ -61,6 +61,8 @@ def write_report(storage, tracker, result: dict, name: str, plots: bool = True) 
     storage.write_bytes(f"{base}/table.md", (md + "\n").encode())
     storage.write_bytes(f"{base}/table.csv", df.to_csv().encode())
     storage.write_bytes(f"{base}/table.tex", (report.to_latex(df) + "\n").encode())
+    settings_md = report.to_markdown(report.settings_table(result["details"]))
+    storage.write_bytes(f"{base}/settings.md", (settings_md + "\n").encode())
     per_setting = {}
     for scorer, d in result["details"].items():
         t = d["table"]
@@ -72,6 +74,7 @@ def write_report(storage, tracker, result: dict, name: str, plots: bool = True) 
     storage.write_json(f"{base}/timing.json", result["timing"])
     if tracker is not None:
         tracker.log_text(md, "report/table.md")
+        tracker.log_text(settings_md, "report/settings.md")
         tracker.log_text(df.to_csv(), "report/table.csv")
         tracker.log_text(report.to_latex(df), "report/table.tex")
         tracker.log_text(json.dumps(per_setting, indent=2, default=float), "report/per_setting.json")
@@ -82,7 +85,7 @@ def write_report(storage, tracker, result: dict, name: str, plots: bool = True) 
         tracker.log_metrics({f"timing.{k}": v for k, v in result["timing"].items()})
         if plots:
             _log_plots(storage, tracker, result)
-    return {"markdown": md, "frame": df}
+    return {"markdown": md, "frame": df, "settings_markdown": settings_md}
 
 
 def _log_plots(storage, tracker, result: dict) -> None:
@@ -108,3 +111,46 @@ def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     return buf.getvalue()
+
+
+def run_evaluate(cfg, storage, ray=None, tracker=None, scorers: list[str] | None = None,
+                 name: str | None = None) -> dict:
+    """The evaluate stage: every benchmark for every scorer, the report files, one MLflow run
+    (params `eval.*`, tags stage/backbone/data); used by `jobs.evaluate`, the pipeline and
+    `nearid evaluate`. Returns {"rows", "timing", "markdown", "settings_markdown", "name"}."""
+    from ..config import config_to_dict, flatten
+    from .evaluate import evaluate_scorers
+
+    scorers = scorers or cfg.eval.scorers
+    if ray is None and any(s.startswith("nearid") for s in scorers):
+        from ..raytools import init_ray
+
+        ray = init_ray(cfg)
+    name = name or f"{cfg.run.name}-eval"
+    if tracker is None:
+        from ..tracking import Tracker
+
+        tracker = Tracker.from_config(cfg, storage)
+    with tracker.run(name, tags={"stage": "evaluate", "data": storage.root,
+                                 "backbone": cfg.extract.backbone.name}):
+        tracker.log_params({k: v for k, v in flatten(config_to_dict(cfg)).items() if k.startswith("eval.")})
+        result = evaluate_scorers(cfg, storage, scorers, ray)
+        out = write_report(storage, tracker, result, name, plots=cfg.eval.plots)
+    return {"rows": result["rows"], "timing": result["timing"], "markdown": out["markdown"],
+            "settings_markdown": out["settings_markdown"], "name": name, "tracker": tracker}
+
+
+def print_evaluation(cfg, storage, out: dict) -> None:
+    print(f"\nNearID benchmark ({cfg.eval.split} split), MTG and DreamBench++-style graded pairs:\n")
+    print(out["markdown"])
+    print("\nper setting (SSR / PA; seen = trained on, unseen = generators never trained on):\n")
+    print(out["settings_markdown"])
+    t = out["timing"]
+    print(f"\nembedding {t['embedding_s']:.2f}s, metrics {t['metrics_s']:.2f}s; "
+          f"report: {storage.uri('reports', out['name'])}; MLflow: {out['tracker'].ui_hint()}")
+
+
+def add_evaluate_args(p) -> None:
+    p.add_argument("--scorers", nargs="*", default=None,
+                   help="e.g. frozen:map frozen:mean nearid nearid:runs/x/models/y (default: eval.scorers)")
+    p.add_argument("--name", default=None, help="report name (default: <run>-eval)")

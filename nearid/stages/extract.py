@@ -13,7 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..devices import to_host
 from ..images import BadImage, decode_image
+from ..leases import stage_leases
 from ..raytools import chunks, fault_point, write_dataset
 from ..schema import (DISTRACTORS, FEATURE_KEY, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
                       make_key, tensor_column)
@@ -56,14 +58,24 @@ def build_processor(ecfg):
 
     if ecfg.model_dir:
         import json
-        from pathlib import Path
 
-        conf = json.loads(Path(ecfg.model_dir, "config.json").read_text())["backbone"]
+        from ..model import resolve_model_dir
+        from ..released import is_released_config, released_processor
+
+        directory = resolve_model_dir(ecfg.model_dir)  # local, s3:// or a hub id, as the model loads
+        conf = json.loads((directory / "config.json").read_text())
+        if is_released_config(conf):  # the released NearID checkpoint: its preprocessor_config.json
+            return released_processor(directory, conf)
+        conf = conf["backbone"]
         if "image_processor" in conf:
             return processor_from_spec(conf["image_processor"])
         name, tiny = conf["name"], conf.get("tiny_overrides") or {}
     else:
         name, tiny = ecfg.backbone.name, ecfg.backbone.tiny
+    from ..pretrained import is_pretrained_name, pretrained_processor
+
+    if is_pretrained_name(name):  # "dinov2-small[@px]": the processor load_backbone would use
+        return pretrained_processor(name)
     if name == "tiny-random":
         tiny = {k: v for k, v in tiny.items() if k != "token_mixing"}
         return siglip_processor(tiny_siglip_config(**tiny).image_size)
@@ -87,6 +99,10 @@ def token_shape(ecfg) -> tuple[int, int]:
     from ..backbone import SO400M_CONFIG, tiny_siglip_config
 
     name = ecfg.backbone.name
+    from ..pretrained import is_pretrained_name, pretrained_token_shape
+
+    if is_pretrained_name(name):
+        return pretrained_token_shape(name)
     if name == "tiny-random":
         conf = tiny_siglip_config(**{k: v for k, v in ecfg.backbone.tiny.items() if k != "token_mixing"})
     elif name == "so400m-random":
@@ -170,14 +186,14 @@ class Embed:
             embs: dict[str, np.ndarray] = {}
             if tokens is not None:
                 if self.model is not None:
-                    embs["nearid"] = self.model.embed_tokens(tokens.to(self.model.head.probe.dtype)).float().numpy()
+                    embs["nearid"] = to_host(self.model.embed_tokens(tokens.to(self.model.head.probe.dtype)))
                 else:
                     ro = self.backbone.readouts(tokens=tokens)
                     missing = [r for r in self.readouts if r not in ro]
                     if missing:
                         raise ValueError(f"readouts {missing} not available for backbone "
                                          f"{self.backbone.name}; it has {sorted(ro)}")
-                    embs = {r: torch.nn.functional.normalize(ro[r].float(), dim=-1).numpy()
+                    embs = {r: to_host(torch.nn.functional.normalize(ro[r].float(), dim=-1))
                             for r in self.readouts}
 
         def full(arr: np.ndarray) -> np.ndarray:
@@ -194,7 +210,7 @@ class Embed:
                 cols["embedding"] = col
             cols[f"emb_{name}"] = col
         if self.write_tokens:
-            t = tokens.float().numpy() if tokens is not None else None
+            t = to_host(tokens) if tokens is not None else None
             shape = (self.backbone.num_tokens, dim)
             cols["tokens"] = tensor_column(full(t) if t is not None else np.zeros((n, *shape), np.float16))
         return pa.table(cols)
@@ -246,6 +262,12 @@ def estimate_bytes(n_rows: int, num_tokens: int, dim: int) -> int:
 
 def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int = 4000,
                 allow_large: bool | None = None) -> dict:
+    """Extract what is missing, holding the lease of `out_table` from reading its keys to the end."""
+    with stage_leases(storage, cfg, "extract", {out_table: FEATURE_KEY}):
+        return _run_extract(cfg, storage, ray, out_table, chunk_rows, allow_large)
+
+
+def _run_extract(cfg, storage, ray, out_table: str, chunk_rows: int, allow_large: bool | None) -> dict:
     e = cfg.extract
     t0 = time.time()
     _check_same_scorer(storage, out_table, e)

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..images import BadImage, decode_image, decode_mask, encode_png
+from ..leases import stage_leases
 from ..raytools import chunks, fault_point, write_dataset
 from ..schema import DISTRACTORS, POSITIVES, REJECTS, make_key
 
@@ -113,6 +114,12 @@ def _write_rejects(storage, stage: str, rows: list[dict]) -> None:
 
 
 def run_generate(cfg, storage, ray, settings: list[str] | None = None, chunk_rows: int = 2000) -> dict:
+    """Generate what is missing, holding the `distractors` lease from reading its keys to the end."""
+    with stage_leases(storage, cfg, "generate", {DISTRACTORS.name: DISTRACTORS.key}):
+        return _run_generate(cfg, storage, ray, settings, chunk_rows)
+
+
+def _run_generate(cfg, storage, ray, settings: list[str] | None, chunk_rows: int) -> dict:
     g = cfg.generate
     t0 = time.time()
     meta = storage.read_table(POSITIVES.name, columns=["id", "view", "split"])

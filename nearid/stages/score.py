@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from ..devices import to_host
 from ..images import BadImage, decode_image
 from ..raytools import write_dataset
 from ..schema import REJECTS, make_key
@@ -71,7 +72,7 @@ class ScorePairs:
         ok = [i for i, e in enumerate(errs) if not e]
         scores = np.full(len(rows), np.nan)
         if ok:
-            s = self.model.score([refs[i] for i in ok], [gens[i] for i in ok]).numpy()
+            s = to_host(self.model.score([refs[i] for i in ok], [gens[i] for i in ok]))
             scores[ok] = 100.0 * s
         return pa.table({"pair": t["pair"], "method": t["method"], "prompt": t["prompt"],
                          "reference": pa.array([str(r["reference"])[:200] if not isinstance(

@@ -6,6 +6,7 @@ import time
 
 import pyarrow as pa
 
+from ..leases import stage_leases
 from ..raytools import write_dataset
 from ..schema import GRADED, MTG, POSITIVES, conform
 
@@ -64,7 +65,24 @@ def _render_table(ray, cfg, storage, ids: list[str], kind: str, partition: list[
 
 
 def run_synth(cfg, storage, ray) -> dict:
-    """Render what is missing; a rerun after a crash only renders identities not yet written."""
+    """Render what is missing; a rerun after a crash only renders identities not yet written.
+    Holds the leases of `positives`, `mtg` and `graded` from reading their keys to the last commit."""
+    with stage_leases(storage, cfg, "synth", {t.name: t.key for t in (POSITIVES, MTG, GRADED)}):
+        return _run_synth(cfg, storage, ray)
+
+
+def _unique(storage, spec, present: bool) -> int:
+    """Rows of a committed table, after checking every key is there once."""
+    if not present:
+        return 0
+    t = storage.read_table(spec.name, columns=list(spec.key))
+    dup = t.num_rows - len(set(zip(*[t[k].to_pylist() for k in spec.key])))
+    if dup:
+        raise RuntimeError(f"{spec.name} has {dup} duplicated {spec.key} keys")
+    return t.num_rows
+
+
+def _run_synth(cfg, storage, ray) -> dict:
     t0 = time.time()
     world = make_world(cfg)
     done_views = storage.keys(POSITIVES.name, ["id", "view"])
@@ -84,8 +102,8 @@ def run_synth(cfg, storage, ray) -> dict:
     summary = {"identities": world.n_identities, "rendered_now": len(todo),
                "positives_rows": sum(c["counts"].as_py() for c in counts),
                "by_split": {c["values"].as_py(): c["counts"].as_py() for c in counts},
-               "mtg_rows": storage.read_table(MTG.name, columns=["id"]).num_rows if cfg.synth.n_mtg else 0,
-               "graded_rows": storage.read_table(GRADED.name, columns=["id"]).num_rows if graded_ids else 0,
+               "mtg_rows": _unique(storage, MTG, bool(cfg.synth.n_mtg)),
+               "graded_rows": _unique(storage, GRADED, bool(graded_ids)),
                "seconds": round(time.time() - t0, 2)}
     dup = summary["positives_rows"] - len(storage.keys(POSITIVES.name, ["id", "view"]))
     if dup:

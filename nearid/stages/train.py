@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from ..config import config_to_dict, flatten
 from ..raytools import write_dataset
-from ..training.items import group_items, item_sources, mtg_as_rows
+from ..training.items import group_items, group_key, item_sources, mtg_as_rows
 
 log = logging.getLogger("nearid.train")
 FEATURE_COLS = ["id", "view", "source", "split"]
@@ -31,23 +31,31 @@ def train_settings(cfg, storage) -> list[str]:
 
 
 class _ToItemRows:
-    """Keep one split's rows of the wanted sources; MTG rows move into the item layout."""
+    """Keep one split's rows of the wanted sources; MTG rows move into the item layout, once per
+    copy (`mtg_repeat`; 0 = no MTG), and every row gets its hashed grouping key."""
 
-    def __init__(self, split: str, sources: list[str], payload: str):
+    def __init__(self, split: str, sources: list[str], payload: str, mtg_repeat: int, seed: int):
         self.split, self.sources, self.payload = split, set(sources), payload
+        self.column = "tokens" if payload == "tokens" else "image"   # items hold `images`
+        self.mtg_repeat, self.seed = (mtg_repeat if "mtg" in sources else 0), seed
 
     def __call__(self, t: pa.Table) -> pa.Table:
         if "error" in t.column_names:
             t = t.filter(pc.equal(t["error"], ""))
         t = t.filter(pc.equal(t["split"], self.split))
         is_mtg = pc.equal(t["source"], "mtg")
-        mtg = t.filter(is_mtg)
         rest = t.filter(pc.invert(is_mtg))
-        rest = rest.filter(pc.is_in(rest["source"], pa.array(sorted(self.sources))))
-        parts = [rest.select([*FEATURE_COLS, self.payload])]
-        if mtg.num_rows:
-            parts.append(mtg_as_rows(mtg.select([*FEATURE_COLS, self.payload])))
+        rest = rest.filter(pc.is_in(rest["source"], pa.array(sorted(self.sources - {"mtg"}))))
+        parts = [rest.select([*FEATURE_COLS, self.column])]
+        mtg = t.filter(is_mtg)
+        if mtg.num_rows and self.mtg_repeat:
+            mtg = mtg_as_rows(mtg.select([*FEATURE_COLS, self.column]))
+            # copies are separate items from here on: each is grouped, stored and drawn on its own
+            parts += [mtg] + [mtg.set_column(0, "id", pc.binary_join_element_wise(
+                mtg["id"], pa.scalar(f"#{r}"), "")) for r in range(1, self.mtg_repeat)]
         out = pa.concat_tables(parts)
+        out = out.append_column("gkey", pa.array([group_key(i, self.seed) for i in out["id"].to_pylist()],
+                                                 pa.string()))
         if self.payload == "tokens":
             out = _flatten_tokens(out)
         return out
@@ -65,16 +73,10 @@ def _flatten_tokens(t: pa.Table) -> pa.Table:
     return t.set_column(t.schema.get_field_index("tokens"), "tokens", col)
 
 
-def _grouper(sources: list[str], payload: str, token_shape, mtg_repeat: int):
+def _grouper(sources: list[str], payload: str, token_shape):
     # map_groups wants a plain function (it reads __name__)
     def group_one_identity(t: pa.Table) -> pa.Table:
-        items = group_items(t, sources, payload, token_shape)
-        if mtg_repeat > 1 and items.num_rows and str(items["id"][0]).startswith("mtg:"):
-            # MTG is mixed in `mtg_repeat` times per epoch; each copy draws its own slots
-            copies = [items] + [items.set_column(0, "id", pc.binary_join_element_wise(
-                items["id"], pa.scalar(f"#{r}"), "")) for r in range(1, mtg_repeat)]
-            items = pa.concat_tables(copies)
-        return items
+        return group_items(t, sources, payload, token_shape)
     return group_one_identity
 
 
@@ -92,7 +94,7 @@ def build_items(ray, cfg, storage, split: str, settings: list[str], mtg_repeat: 
     payload = "tokens" if cfg.train.input_mode == "tokens" else "images"
     name = f"items_{payload}_{split}"
     sources = item_sources(settings)
-    sig = {"sources": sources, "mtg_repeat": mtg_repeat}
+    sig = {"sources": sources, "mtg_repeat": mtg_repeat, "order": "gkey-v1", "seed": cfg.run.seed}
     if storage.is_done(name) and storage.read_json(f"{name}/_SUCCESS.json").get("sig") == sig:
         return name, storage.read_json(f"{name}/_SUCCESS.json")["rows"]
     storage.delete_dir(name)
@@ -102,14 +104,15 @@ def build_items(ray, cfg, storage, split: str, settings: list[str], mtg_repeat: 
                                    columns=[*FEATURE_COLS, "tokens", "error"])
     else:
         ds = ray.data.from_arrow(_image_features(storage, cfg))
-    ds = ds.map_batches(_ToItemRows(split, wanted, payload), batch_format="pyarrow", num_cpus=0.25)
+    ds = ds.map_batches(_ToItemRows(split, wanted, payload, mtg_repeat, cfg.run.seed),
+                        batch_format="pyarrow", num_cpus=0.25)
     token_shape = None
     if payload == "tokens":
         ttype = storage.dataset("features").schema.field("tokens").type
         token_shape = tuple(ttype.shape)
     n_parts = max(2, min(64, cfg.train.num_workers * 2))
-    ds = ds.groupby("id", num_partitions=n_parts).map_groups(
-        _grouper(sources, payload, token_shape, mtg_repeat), batch_format="pyarrow", num_cpus=0.25)
+    ds = ds.groupby("gkey", num_partitions=n_parts).map_groups(
+        _grouper(sources, payload, token_shape), batch_format="pyarrow", num_cpus=0.25)
     write_dataset(ds, storage, name)
     rows = storage.read_table(name, columns=["id"]).num_rows
     storage.mark_done(name, {"rows": rows, "sig": sig})
@@ -172,14 +175,19 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
         if tracker is not None:
             tracker.end("FAILED")
         raise
-    best = _best_checkpoint(result)
+    ckpt, ckpt_metrics = pick_checkpoint(result, tc.publish)
     model_dir = storage.uri("models", run_name)
-    _publish_model(best, storage, f"models/{run_name}")
+    published = {"which": tc.publish, "step": ckpt_metrics.get("step"),
+                 "val": {k: v for k, v in ckpt_metrics.items() if k.startswith("val_")}}
+    publish_model(ckpt, storage, f"models/{run_name}", published)
     summary = {"run_name": run_name, "items": n_items, "mtg_items": n_mtg, "settings": settings,
                "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
-               "model_dir": model_dir, "seconds": round(time.time() - t0, 2)}
+               "published": published, "model_dir": model_dir, "seconds": round(time.time() - t0, 2)}
     if tracker is not None:
-        tracker.log_metrics({"train_wall_seconds": summary["seconds"]})
+        tracker.log_metrics({"train_wall_seconds": summary["seconds"],
+                             **{f"published.{k}": v for k, v in published["val"].items()
+                                if isinstance(v, (int, float))}})
+        tracker.set_tags({"published": tc.publish, "published_step": str(published["step"])})
         local = _local_copy(storage, f"models/{run_name}")
         tracker.log_artifact(local, "model")
         _log_curves(tracker, run_id)
@@ -188,22 +196,32 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
     return summary
 
 
-def _best_checkpoint(result):
-    """The top checkpoint by val_ssr (Train keeps the top-k), else the latest one."""
-    pairs = [(c, m) for c, m in (getattr(result, "best_checkpoints", None) or [])
-             if m.get("val_ssr") is not None]
-    if pairs:
-        return max(pairs, key=lambda cm: cm[1]["val_ssr"])[0]
+def pick_checkpoint(result, which: str = "final"):
+    """(checkpoint, its reported metrics): the last one ("final", what the paper released) or the
+    top one by val_ssr ("best"; Train keeps the top-k and always the latest)."""
+    pairs = [(c, m) for c, m in (getattr(result, "best_checkpoints", None) or [])]
+    if which == "best":
+        scored = [(c, m) for c, m in pairs if m.get("val_ssr") is not None]
+        if scored:
+            return max(scored, key=lambda cm: (cm[1]["val_ssr"], cm[1].get("step", 0)))
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
-    return result.checkpoint
+    latest = [m for c, m in pairs if c.path == result.checkpoint.path]
+    return result.checkpoint, (latest[0] if latest else dict(result.metrics or {}))
 
 
-def _publish_model(ckpt, storage, rel: str) -> None:
-    """Copy the model files of a checkpoint into `models/<run>` (config, weights, card)."""
+def publish_model(ckpt, storage, rel: str, published: dict | None = None) -> None:
+    """Copy the model files of a checkpoint into `models/<run>` (config, weights, card); the
+    card says which checkpoint this is."""
     with ckpt.as_directory() as d:
         for name in ("config.json", "model.safetensors", "README.md"):
-            storage.write_bytes(f"{rel}/{name}", Path(d, name).read_bytes())
+            data = Path(d, name).read_bytes()
+            if name == "README.md" and published:
+                val = ", ".join(f"{k} {v:.2f}" for k, v in published["val"].items()
+                                if isinstance(v, (int, float)) and not k.endswith("rows"))
+                data += (f"\n## Published checkpoint\n\nThe {published['which']} checkpoint: step "
+                         f"{published['step']}{'; ' + val if val else ''}.\n").encode()
+            storage.write_bytes(f"{rel}/{name}", data)
 
 
 def _local_copy(storage, rel: str) -> str:

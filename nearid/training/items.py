@@ -27,6 +27,104 @@ def item_seed(seed: int, epoch: int, id_: str) -> int:
     return int.from_bytes(h, "little")
 
 
+# ---- item order: which items share a batch -------------------------------------------------------
+# A copy of an MTG sample in the same batch puts the sample's own anchor into the random-negative
+# pool at cosine 1; MTG items bunched together make whole batches of part edits. So items are
+# (1) grouped under a hashed key, which scatters MTG and NearID items through the stored table,
+# and (2) re-ordered every epoch inside a buffer (the whole epoch when it fits): copy r of an MTG
+# sample goes to segment r of the epoch, everything else to a random segment, random order
+# within a segment, and a final pass moves any copy that still shares a batch with its sibling.
+def copy_base(id_: str) -> str:
+    """The sample an item copy was made from: 'mtg:x#2' -> 'mtg:x'."""
+    return id_.split("#", 1)[0]
+
+
+def copy_index(id_: str) -> int:
+    head, _, tail = id_.partition("#")
+    return int(tail) if tail.isdigit() else 0
+
+
+def group_key(id_: str, seed: int) -> str:
+    """Hashed grouping key: Ray's groupby sorts by it, so the stored order is random, not by id."""
+    return hashlib.blake2b(f"{seed}/{id_}".encode(), digest_size=8).hexdigest()
+
+
+def _unit(seed: int, epoch: int, id_: str, salt: str) -> float:
+    return item_seed(seed, epoch, f"{salt}/{id_}") / 2.0**64
+
+
+def epoch_order(ids: list[str], seed: int, epoch: int, n_segments: int, batch: int) -> np.ndarray:
+    """Permutation of `ids` for one epoch; depends only on the ids, seed and epoch (not on the
+    order the rows arrived in), so a rerun on another cluster layout sees the same batches."""
+    n_segments = max(1, n_segments)
+    keys = np.empty(len(ids))
+    for i, id_ in enumerate(ids):
+        base = copy_base(id_)
+        if base != id_ or base.startswith("mtg:"):
+            seg = (copy_index(id_) + int(_unit(seed, epoch, base, "offset") * n_segments)) % n_segments
+        else:
+            seg = int(_unit(seed, epoch, id_, "segment") * n_segments)
+        keys[i] = seg + _unit(seed, epoch, id_, "order")
+    order = np.argsort(keys, kind="stable")
+    return _separate_copies(order, [copy_base(ids[i]) for i in order], batch)
+
+
+def _separate_copies(order: np.ndarray, bases: list[str], batch: int) -> np.ndarray:
+    """Swap items so no batch holds two copies of one sample, where a later batch (or the rows
+    left over after the last full batch) can take one; earlier batches are already final."""
+    order, bases = order.copy(), list(bases)
+    n_full = len(order) // batch
+    for b in range(n_full):
+        lo, hi = b * batch, (b + 1) * batch
+        seen: set[str] = set()
+        for j in range(lo, hi):
+            if bases[j] in seen:
+                for j2 in range(hi, len(order)):
+                    b2 = j2 // batch
+                    if bases[j2] in seen:
+                        continue
+                    if b2 < n_full and bases[j] in bases[b2 * batch:(b2 + 1) * batch]:
+                        continue
+                    order[j], order[j2] = order[j2], order[j]
+                    bases[j], bases[j2] = bases[j2], bases[j]
+                    break
+            seen.add(bases[j])
+    return order
+
+
+def batches_in_epoch_order(tables, seed: int, epoch: int, n_segments: int, batch: int,
+                           buffer_rows: int = 0):
+    """Re-order a stream of item tables for one epoch and cut it into full batches.
+
+    `buffer_rows` rows are ordered at a time (0: the whole stream, i.e. a full shuffle); rows
+    that do not fill a batch wait for the next window, the last partial batch is dropped."""
+    pending: list[pa.Table] = []
+    n = 0
+
+    def flush(final: bool):
+        nonlocal pending, n
+        if not pending:
+            return
+        t = pa.concat_tables(pending)
+        ids = t["id"].to_pylist()
+        t = t.take(pa.array(epoch_order(ids, seed, epoch, n_segments, batch)))
+        n_full = t.num_rows // batch
+        for b in range(n_full):
+            yield t.slice(b * batch, batch)
+        rest = t.slice(n_full * batch)
+        pending, n = ([rest], rest.num_rows) if rest.num_rows and not final else ([], 0)
+
+    for t in tables:
+        if isinstance(t, pa.RecordBatch):
+            t = pa.Table.from_batches([t])
+        if t.num_rows:
+            pending.append(t)
+            n += t.num_rows
+        if buffer_rows and n >= buffer_rows:
+            yield from flush(final=False)
+    yield from flush(final=True)
+
+
 def draw_slots(valid: np.ndarray, rng: np.random.Generator, n_pos: int, n_neg: int):
     """valid [S*V] bool for one item -> (anchor, pos[P], pos_mask[P], neg[K], neg_mask[K]).
 
@@ -120,11 +218,3 @@ def mtg_as_rows(mtg_features: pa.Table) -> pa.Table:
     t = mtg_features.set_column(mtg_features.schema.get_field_index("view"), "view", pa.array(new_view))
     t = t.set_column(t.schema.get_field_index("source"), "source", pa.array(source, pa.string()))
     return t.set_column(t.schema.get_field_index("id"), "id", ids)
-
-
-def unpack_tokens(col, n_slots: int) -> np.ndarray:
-    """Items' flat `tokens` column -> [n, slots, T, D] (T*D inferred, D from the config)."""
-    from ..schema import column_to_numpy
-
-    flat = column_to_numpy(col)
-    return flat.reshape(flat.shape[0], n_slots, -1)

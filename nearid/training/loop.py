@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import faults
 from ..config import Config
 from ..schema import column_to_numpy
-from .items import draw_batch, item_sources
+from .items import batches_in_epoch_order, draw_batch, item_sources
 from .state import load_training_state, save_training_state
 from .validate import embed_items, item_sims, score_sims
 
@@ -76,29 +77,11 @@ def load_items(storage, table: str, payload: str, dim: int):
     return list(d["id"]), d["valid"].astype(bool), d[payload]
 
 
-def _local_batches(storage, table: str, payload: str, batch: int, seed: int, epoch: int, dim: int):
-    """Stream the items table with pyarrow (Tune trials and tests), shuffled per epoch."""
-    ds = storage.dataset(table)
-    frags = list(ds.get_fragments())
-    rng = np.random.default_rng(seed * 1000 + epoch)
-    rng.shuffle(frags)
-    buf: list[dict] = []
-    for frag in frags:
-        t = frag.to_table()
-        order = rng.permutation(t.num_rows)
-        t = t.take(order)
-        for s in range(0, t.num_rows, batch):
-            sub = t.slice(s, batch)
-            if sub.num_rows < batch:
-                buf.append(sub)
-                continue
-            yield _to_numpy(sub, payload, dim)
-    if buf:
-        import pyarrow as pa
-
-        rest = pa.concat_tables(buf)
-        for s in range(0, rest.num_rows - batch + 1, batch):
-            yield _to_numpy(rest.slice(s, batch), payload, dim)
+def _epoch_batches(tables, tc, epoch: int, per_worker: int, payload: str, dim: int):
+    """One epoch's batches in the order of `items.epoch_order` (see there for why)."""
+    for t in batches_in_epoch_order(tables, tc.seed, epoch, max(1, tc.mtg_repeat), per_worker,
+                                    tc.shuffle_buffer):
+        yield _to_numpy(t, payload, dim)
 
 
 def _to_numpy(t, payload: str, dim: int) -> dict:
@@ -197,7 +180,9 @@ def train_loop(config: dict) -> dict:
 
         ddp_head = rtt.prepare_model(head, move_to_device=False)
     loss_fn = build_loss(tc.loss.name, **tc.loss.params)
-    opt = torch.optim.AdamW(head.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    loss_fn.to(device)
+    # a loss with learnable parameters (SigLIP's scale and bias) trains them with the head
+    opt = torch.optim.AdamW([*head.parameters(), *loss_fn.parameters()], lr=tc.lr, weight_decay=tc.weight_decay)
     per_worker = max(2, tc.batch_size // ctx.world)
     steps_per_epoch = max(1, config["n_items"] // (per_worker * ctx.world))
     total_steps = steps_per_epoch * tc.epochs
@@ -239,14 +224,11 @@ def train_loop(config: dict) -> dict:
         if ctx.kind == "train":
             import ray.train
 
-            it = (_to_numpy(b, payload, head.hidden_size)
-                  for b in ray.train.get_dataset_shard("train").iter_batches(
-                      batch_size=per_worker, batch_format="pyarrow", drop_last=True,
-                      local_shuffle_buffer_size=max(per_worker * 4, 64),
-                      local_shuffle_seed=tc.seed + epoch))
-        else:
-            it = _local_batches(storage, config["items"], payload, per_worker, tc.seed, epoch,
-                                head.hidden_size)
+            tables = ray.train.get_dataset_shard("train").iter_batches(
+                batch_size=max(per_worker, 256), batch_format="pyarrow")
+        else:   # Tune trials and tests stream the items table with pyarrow
+            tables = storage.dataset(config["items"]).to_batches()
+        it = _epoch_batches(tables, tc, epoch, per_worker, payload, head.hidden_size)
         skip = step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already seen
         for b_idx, batch in enumerate(it):
             if b_idx >= steps_per_epoch:
@@ -274,7 +256,7 @@ def train_loop(config: dict) -> dict:
             scaler.update()
             sched.step()
             step += 1
-            _maybe_inject_fault(config, step, ctx)
+            faults.train_kill_worker(config, step, ctx.rank, ctx.world, progress["step"])  # the last reported step
             metrics = {"loss": float(out.loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
                        "epoch": epoch, "step": step, **{f"loss_{k}": v for k, v in out.terms.items()}}
             if tracker is not None and step % 5 == 0:
@@ -284,7 +266,7 @@ def train_loop(config: dict) -> dict:
                 last = _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings,
                                             token_source, model, opt, sched, scaler, metrics,
                                             epoch, step, steps_per_epoch, progress, tracker)
-                _maybe_kill_driver(config, step, ctx, storage)
+                faults.train_kill_driver(step, config.get("driver_pid"), ctx.rank, storage)
         if step >= total_steps:
             break
     last["train_seconds"] = round(time.time() - t_start, 2)
@@ -319,36 +301,11 @@ def _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings, tok
     return metrics
 
 
-def _maybe_kill_driver(config: dict, step: int, ctx, storage) -> None:
-    """Test hook: NEARID_FAULT=train:kill_driver_after_step:<n> kills the job driver once, after
-    the first checkpoint at or past step n (a crashed driver, to be resubmitted)."""
-    spec = os.environ.get("NEARID_FAULT", "")
-    if not spec.startswith("train:kill_driver_after_step:") or ctx.rank != 0 or not config.get("driver_pid"):
-        return
-    if step >= int(spec.rsplit(":", 1)[1]) and not storage.exists("_fault_driver_killed"):
-        import signal
-
-        storage.write_bytes("_fault_driver_killed", b"1")
-        time.sleep(8)  # let the controller persist the checkpoint it was just handed
-        os.kill(int(config["driver_pid"]), signal.SIGKILL)
-        time.sleep(60)  # the controller goes down with the driver
-
-
 def check_train_only(batch: dict) -> None:
     """Only the train split may ever reach the loss (the reference recipe trained on val/test)."""
     bad = [(i, s) for i, s in zip(batch["id"], batch["split"]) if s != "train"]
     if bad:
         raise ValueError(f"non-train items reached the training loss: {bad[:5]}")
-
-
-def _maybe_inject_fault(config: dict, step: int, ctx) -> None:
-    """Test hook: kill this worker process once at `fault_kill_step` (a marker file makes it once)."""
-    kill_at = config.get("fault_kill_step")
-    marker = config.get("fault_marker")
-    if kill_at and step == kill_at and ctx.rank == ctx.world - 1 and marker and not os.path.exists(marker):
-        Path(marker).write_text("killed")
-        time.sleep(5)  # let the controller register the last reported checkpoint first
-        os._exit(1)
 
 
 def steps_for(n_items: int, batch_size: int, world: int, epochs: int) -> int:

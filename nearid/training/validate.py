@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..devices import to_host
 from ..metrics import nearid_scores, nearid_table
 from .items import N_VIEWS
 
@@ -49,8 +50,8 @@ def embed_items(head, tokens: torch.Tensor, chunk: int = 512) -> np.ndarray:
     device = next(head.parameters()).device
     for i in range(0, flat.shape[0], chunk):
         x = flat[i:i + chunk].to(device=device, dtype=dtype)
-        out.append(torch.nn.functional.normalize(head(x).float(), dim=-1).cpu())
-    return torch.cat(out).reshape(n, slots, -1).numpy()
+        out.append(torch.nn.functional.normalize(head(x).float(), dim=-1))
+    return to_host(torch.cat(out).reshape(n, slots, -1))
 
 
 def score_sims(sims: pd.DataFrame, prefix: str = "val_") -> dict[str, float]:

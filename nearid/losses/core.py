@@ -1,31 +1,16 @@
-"""Contrastive losses for NearID training: the two-tier NearID loss and the paper's ablations.
+"""The shared machinery of every loss (inputs, masks, the gathered pool) plus NearID and InfoNCE.
 
-Every loss is an ``nn.Module`` called as::
-
-    loss(anchor[B, D], positive[B, P, D], negative[B, K, D], pos_mask=None, neg_mask=None)
-
-and returns :class:`LossOutput`. ``positive[b]`` are the other views of anchor ``b``'s identity,
-``negative[b]`` its near-identity distractors. Masks are bool (True = valid slot); invalid slots
-are removed from every softmax, pool and mean (masked with -inf, never with zero), so padding
-never changes a loss. Embeddings are L2-normalised here and computed in at least float32.
-
-The "pool" is every valid positive of the batch (B*P rows). Under ``torch.distributed`` it is
-the *global* batch: positives are all-gathered with gradients
-(``torch.distributed.nn.functional.all_gather``) and rank r's targets are offset by r*B*P.
-Every rank must then pass the same B, P and D (checked; ValueError otherwise). Each rank returns
-the mean over its own anchors, so averaging the per-rank losses (as DDP averages gradients)
-gives the loss of the concatenated batch when every rank has the same number of valid slots.
-
-Definitions follow shared/REFERENCE.md "Loss": s(x, y) = x.y / tau,
+See the package docstring (nearid/losses/__init__.py) for the calling convention, the masking
+rule and the pool. Definitions follow shared/REFERENCE.md "Loss": s(x, y) = x.y / tau,
 - discrimination: for each positive slot q, cross-entropy of [s(a_b, pool) || s(a_b, n_b)] with
   target a_b's own p_{b,q}; mean over valid b, then over slots q that have a valid b;
 - ranking: softplus(LSE_b - s(a_b, n_{b,k})) with LSE_b over the pool minus a_b's own
   positives; mean over valid (b, k);
 - nearid = discrimination + alpha * ranking.
+These equal the reference's ExtendedInfoNCELoss / BaselineInfoNCELoss on all-valid inputs.
 """
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,19 +19,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-__all__ = [
-    "LossOutput",
-    "NearIDLoss",
-    "InfoNCELoss",
-    "CircleLoss",
-    "CircleRankingLoss",
-    "TripletLoss",
-    "SigLIPLoss",
-    "ArcFaceLoss",
-    "LOSSES",
-    "build_loss",
-]
 
 
 @dataclass
@@ -310,166 +282,3 @@ class InfoNCELoss(_PairLoss):
         loss = _pool_softmax_term(batch, self.temperature, self.use_negatives)
         return loss, {"discrimination": loss, "total": loss}
 
-
-def _circle(batch: _Batch, margin: float, gamma: float) -> Tensor:
-    """Circle loss (Sun et al. 2020) per anchor, mean over anchors with a positive and a negative."""
-    s_pos, pos_valid = batch.cos_pos, batch.pos_mask
-    s_neg, neg_valid = _in_batch_negatives(batch)
-    # The adaptive weights are treated as constants, as in the paper.
-    alpha_pos = (1 + margin - s_pos).clamp(min=0).detach()
-    alpha_neg = (s_neg + margin).clamp(min=0).detach()
-    lse_pos, has_pos = _masked_logsumexp(-gamma * alpha_pos * (s_pos - (1 - margin)), pos_valid)
-    lse_neg, has_neg = _masked_logsumexp(gamma * alpha_neg * (s_neg - margin), neg_valid)
-    return _masked_mean(F.softplus(lse_pos + lse_neg), has_pos & has_neg)
-
-
-class CircleLoss(_PairLoss):
-    """Circle loss: positives = own views; negatives = own distractors + other samples' positives."""
-
-    def __init__(self, *, margin: float = 0.25, gamma: float = 64.0, gather: bool = True) -> None:
-        super().__init__(gather)
-        _check_positive(gamma=gamma)
-        _check_non_negative(margin=margin)
-        self.margin, self.gamma = margin, gamma
-
-    def _compute(self, batch: _Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        circle = _circle(batch, self.margin, self.gamma)
-        return circle, {"circle": circle, "total": circle}
-
-
-class CircleRankingLoss(_PairLoss):
-    """Circle loss + alpha * the NearID ranking term (at temperature tau)."""
-
-    def __init__(self, *, margin: float = 0.25, gamma: float = 64.0, alpha: float = 0.5,
-                 temperature: float = 0.07, gather: bool = True) -> None:
-        super().__init__(gather)
-        _check_positive(gamma=gamma, temperature=temperature)
-        _check_non_negative(margin=margin, alpha=alpha)
-        self.margin, self.gamma, self.alpha, self.temperature = margin, gamma, alpha, temperature
-
-    def _compute(self, batch: _Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        circle = _circle(batch, self.margin, self.gamma)
-        ranking = _ranking_term(batch, self.temperature)
-        total = circle + self.alpha * ranking
-        return total, {"circle": circle, "ranking": ranking, "total": total}
-
-
-class TripletLoss(_PairLoss):
-    """Cosine-distance triplet loss with semi-hard negative mining, one triplet per (anchor, positive).
-
-    Semi-hard: d(a,p) < d(a,n) < d(a,p) + margin; the closest semi-hard negative is used, and
-    the hardest (closest) negative when none is semi-hard. Negatives are the anchor's
-    distractors and the other samples' positives.
-    """
-
-    def __init__(self, *, margin: float = 0.2, gather: bool = True) -> None:
-        super().__init__(gather)
-        _check_positive(margin=margin)
-        self.margin = margin
-
-    def _compute(self, batch: _Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        d_pos = 1 - batch.cos_pos  # [B, P]
-        s_neg, neg_valid = _in_batch_negatives(batch)
-        d_neg = 1 - s_neg  # [B, C]
-        with torch.no_grad():
-            gap = d_neg.unsqueeze(1) - d_pos.unsqueeze(2)  # [B, P, C]
-            valid = neg_valid.unsqueeze(1).expand_as(gap)
-            semi_hard = valid & (gap > 0) & (gap < self.margin)
-            far = torch.finfo(d_neg.dtype).max
-            candidates = d_neg.unsqueeze(1).expand_as(gap)
-            pick_semi = candidates.masked_fill(~semi_hard, far).argmin(dim=-1)
-            pick_hard = candidates.masked_fill(~valid, far).argmin(dim=-1)
-            has_semi = semi_hard.any(dim=-1)
-            chosen = torch.where(has_semi, pick_semi, pick_hard)  # [B, P]
-            row_valid = batch.pos_mask & neg_valid.any(dim=1, keepdim=True)
-        d_chosen = d_neg.gather(1, chosen)
-        loss = _masked_mean(F.relu(d_pos - d_chosen + self.margin), row_valid)
-        semi_fraction = _masked_mean(has_semi.to(d_pos.dtype), row_valid)
-        return loss, {"triplet": loss, "semi_hard_fraction": semi_fraction, "total": loss}
-
-
-class SigLIPLoss(_PairLoss):
-    """Pairwise sigmoid loss: logit = t * cos + b; own positives label +1, every negative -1.
-
-    Sum over an anchor's valid pairs, mean over anchors (SigLIP's 1/|B| normalisation).
-    learnable=True makes log(t) and b parameters (initialised at t = 1/temperature, b = bias).
-    """
-
-    def __init__(self, *, temperature: float = 0.07, bias: float = -10.0, learnable: bool = False,
-                 gather: bool = True) -> None:
-        super().__init__(gather)
-        _check_positive(temperature=temperature)
-        if not math.isfinite(bias):
-            raise ValueError(f"bias must be finite, got {bias!r}")
-        log_scale = torch.tensor(math.log(1 / temperature))
-        bias_t = torch.tensor(float(bias))
-        if learnable:
-            self.log_scale, self.bias = nn.Parameter(log_scale), nn.Parameter(bias_t)
-        else:
-            self.register_buffer("log_scale", log_scale)
-            self.register_buffer("bias", bias_t)
-
-    def _compute(self, batch: _Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        s_neg, neg_valid = _in_batch_negatives(batch)
-        scale, bias = self.log_scale.exp(), self.bias
-        positive = F.softplus(-(scale * batch.cos_pos + bias))  # -log sigmoid(+z)
-        negative = F.softplus(scale * s_neg + bias)  # -log sigmoid(-z)
-        per_anchor = (torch.where(batch.pos_mask, positive, 0.0).sum(1)
-                      + torch.where(neg_valid, negative, 0.0).sum(1))
-        loss = per_anchor.mean()
-        return loss, {"siglip": loss, "total": loss}
-
-
-class ArcFaceLoss(_PairLoss):
-    """Additive angular margin on the target logit, scale 1/tau, in the pool + distractor softmax.
-
-    Where theta + margin would pass pi the usual ArcFace fallback cos - margin * sin(margin)
-    keeps the target logit decreasing in theta.
-    """
-
-    def __init__(self, *, margin: float = 0.5, temperature: float = 0.07, gather: bool = True) -> None:
-        super().__init__(gather)
-        _check_positive(temperature=temperature)
-        _check_non_negative(margin=margin)
-        if margin >= math.pi / 2:
-            raise ValueError(f"margin must be < pi/2 radians, got {margin!r}")
-        self.margin, self.temperature = margin, temperature
-
-    def _angular_margin(self, cosine: Tensor) -> Tensor:
-        m = self.margin
-        # The clamp keeps sqrt's gradient finite at |cos| = 1 (error <= 1e-6).
-        sine = (1 - cosine * cosine).clamp(min=1e-12).sqrt()
-        shifted = cosine * math.cos(m) - sine * math.sin(m)  # cos(theta + m)
-        fallback = cosine - math.sin(math.pi - m) * m
-        return torch.where(cosine > math.cos(math.pi - m), shifted, fallback)
-
-    def _compute(self, batch: _Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        loss = _pool_softmax_term(batch, self.temperature, True, self._angular_margin)
-        return loss, {"arcface": loss, "total": loss}
-
-
-LOSSES: dict[str, type[_PairLoss]] = {
-    "nearid": NearIDLoss,
-    "infonce": InfoNCELoss,
-    "circle": CircleLoss,
-    "circle_ranking": CircleRankingLoss,
-    "triplet": TripletLoss,
-    "siglip": SigLIPLoss,
-    "arcface": ArcFaceLoss,
-}
-
-
-def build_loss(name: str, **hparams: object) -> nn.Module:
-    """Build the loss called ``name`` (see LOSSES) with its hyper-parameters as keywords.
-
-    Raises ValueError for an unknown name, an unknown hyper-parameter or an invalid value.
-    """
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
-    cls = LOSSES[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(hparams) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown hyper-parameter(s) {unknown} for loss {name!r}; "
-                         f"valid: {', '.join(accepted)}")
-    return cls(**hparams)

@@ -1,0 +1,88 @@
+"""The `nearid` command line: every subcommand answers --help, mistakes are one `error:` line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nearid import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ["score", "evaluate", "report", "mh", "mh-score", "convert"]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS)
+def test_every_subcommand_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--help"])
+    assert e.value.code == 0
+    assert f"nearid {cmd}" in capsys.readouterr().out
+
+
+def test_evaluate_takes_the_job_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(f in out for f in ("--config", "--set", "--scorers", "--name"))
+
+
+def test_evaluate_on_an_empty_root_is_one_error_line(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "nearid.cli", "evaluate", "--config", str(ROOT / "configs/local.yaml"),
+                        "--set", f"run.root={tmp_path / 'empty'}", "--set", "train.los.name=x"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert sum("error:" in line for line in p.stderr.splitlines()) == 1 and "train.los" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+CFG = str(ROOT / "configs/local.yaml")
+LATE_MISTAKES = {   # each used to pass config loading and fail minutes later inside Ray
+    "loss": (["jobs.train", "--set", "train.loss.name=nearidd"], "train.loss.name"),
+    "loss-param": (["jobs.train", "--set", "train.loss.params={temperature: 0.07, alpa: 1}"], "alpa"),
+    "scorer": (["jobs.evaluate", "--scorers", "frozen:mapp"], "frozen:mapp"),
+    "scorer-config": (["jobs.evaluate", "--set", "eval.scorers=[nearid, frozen:clss]"], "frozen:clss"),
+    "backend": (["jobs.generate", "--set", "generate.settings={flux: {backend: flux_fil}}"], "flux_fil"),
+    "tracking": (["jobs.train", "--set", "tracking.uri=htp://127.0.0.1:5000"], "htp://"),
+    "space": (["jobs.tune", "--space", "tune/spaces/nope.yaml"], "nope.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATE_MISTAKES))
+def test_mistakes_are_refused_before_ray_starts(case, tmp_path):
+    args, needle = LATE_MISTAKES[case]
+    p = subprocess.run([sys.executable, "-m", args[0], "--config", CFG, "--set", f"run.root={tmp_path / 'r'}",
+                        *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 2, (case, p.stderr[-3000:])
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in p.stderr, (case, p.stderr[-3000:])
+    assert "Traceback" not in p.stderr and "Started a local Ray instance" not in p.stderr, case
+
+
+@pytest.mark.parametrize("config", ["configs/local.yaml", "configs/paper.yaml"])
+def test_plan_prints_the_cost_before_a_run(config, capsys, monkeypatch, tmp_path):
+    from nearid.config import load_config
+    from nearid.plan import plan
+
+    monkeypatch.setenv("NEARID_GPU_CHECK", str(tmp_path / "none.json"))
+    assert cli.main(["plan", "--config", str(ROOT / config), "--usd-per-gpu-hour", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU-hours" in out and "token cache" in out and "$" in out
+    p = plan(load_config(ROOT / config), 2.0)
+    assert p["gpu_hours"] == pytest.approx(sum(line.gpu_hours for line in p["lines"]))
+    assert p["usd"] == pytest.approx(2.0 * p["gpu_hours"])
+    T, D = p["token_shape"]
+    extract = next(line for line in p["lines"] if line.stage.startswith("extract"))
+    assert p["token_cache_bytes"] == extract.images * T * D * 2
+    if config.endswith("paper.yaml"):
+        assert (T, D) == (729, 1152) and p["identities"] == 19386
+        assert p["token_cache_bytes"] > 500e9           # the paper's scale: hundreds of GB of tokens
+        assert len([line for line in p["lines"] if line.stage.startswith("generate")]) == 8
+    # measured costs from bench/gpu_check.py replace the estimates
+    measured = tmp_path / "gpu.json"
+    measured.write_text('{"extract_img_s": 100.0}')
+    monkeypatch.setenv("NEARID_GPU_CHECK", str(measured))
+    q = plan(load_config(ROOT / config), 2.0)
+    ex = next(line for line in q["lines"] if line.stage.startswith("extract"))
+    assert ex.source.startswith("measured") and ex.gpu_hours == pytest.approx(ex.images / 100.0 / 3600)

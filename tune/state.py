@@ -1,0 +1,165 @@
+"""Reading a Tune experiment's saved state without tripping over Tune while it writes.
+
+Tune rewrites `experiment_state-<session>.json` in its driver staging folder and then copies it
+to the storage path in a background thread; the copy is not atomic, so a reader (our progress
+hook, the post-fit check, a resume after a killed driver) can meet an empty or half-written file.
+Ray's own readers (`ExperimentAnalysis`, `Tuner.restore`) parse that same file once and crash on
+a torn copy, so we read it here with retries and keep a last intact copy beside it:
+
+- `read_state` retries a torn newest file (it is usually mid-copy) and then falls back to the
+  last intact copy `StateKeeper` saved; it raises `StateUnreadable` only when neither parses.
+- `StateKeeper` (a Tune callback, on in every sweep) saves each intact state it sees as
+  `_nearid_last_good_state.json` (written to a temp name and moved into place).
+- `prepare_restore` runs before `Tuner.restore`: a torn newest file is moved aside (kept, never
+  deleted) and replaced by the last intact copy, so Tune restores instead of crashing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+from ray.tune import Callback
+
+from nearid.faults import tune_kill_after_trials
+
+log = logging.getLogger("nearid.tune")
+GOOD_COPY = "_nearid_last_good_state.json"
+
+
+class StateUnreadable(RuntimeError):
+    """Experiment state files exist but none of them (nor the saved intact copy) parses."""
+
+
+def _fs(fs):
+    return fs or pafs.LocalFileSystem()
+
+
+def _join(path: str, name: str) -> str:
+    return f"{str(path).rstrip('/')}/{name}"
+
+
+def state_files(experiment_path: str, fs=None) -> list[str]:
+    """Experiment state files, newest session last (Ray picks the newest by name: a restore
+    re-uploads older files, so mtime lies)."""
+    infos = _fs(fs).get_file_info(pafs.FileSelector(str(experiment_path), allow_not_found=True))
+    return sorted(i.path for i in infos
+                  if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
+
+
+def _parse(fs, path: str) -> dict | None:
+    try:
+        with fs.open_input_stream(path) as f:
+            state = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError, OSError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("trial_data"), list) else None
+
+
+def read_state(experiment_path: str, fs=None, attempts: int = 5, delay: float = 0.2) -> dict | None:
+    """The newest intact experiment state, or None when Tune has saved none yet.
+
+    A torn newest file is re-read `attempts` times (Tune's copy takes milliseconds) before the
+    saved intact copy is used."""
+    fs = _fs(fs)
+    names = state_files(experiment_path, fs)
+    if not names:
+        return None
+    for i in range(attempts):
+        state = _parse(fs, names[-1])
+        if state is not None:
+            return state
+        if i + 1 < attempts:
+            time.sleep(delay * (i + 1))
+    good = _parse(fs, _join(experiment_path, GOOD_COPY))
+    if good is not None:
+        log.warning("experiment state %s is torn; using the last intact copy %s", names[-1], GOOD_COPY)
+        return good
+    raise StateUnreadable(f"experiment state {names[-1]} does not parse after {attempts} reads and "
+                          f"there is no intact copy ({GOOD_COPY}) beside it")
+
+
+def trial_statuses(state: dict | None) -> dict[str, str]:
+    """trial id -> Tune status (PENDING, RUNNING, TERMINATED, ERROR, ...) in a saved state."""
+    out = {}
+    for trial_json, _meta in (state or {}).get("trial_data", []):
+        t = json.loads(trial_json)
+        out[t["trial_id"]] = t["status"]
+    return out
+
+
+def recorded_trials(experiment_path: str, fs=None) -> dict[str, str]:
+    """trial id -> status in the newest intact saved state: what a restore will see."""
+    return trial_statuses(read_state(experiment_path, fs))
+
+
+def _write_atomic(fs, path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
+
+
+def save_good_copy(experiment_path: str, fs=None) -> dict | None:
+    """Copy the newest state to GOOD_COPY if it parses now (one read, no retry); returns it."""
+    fs = _fs(fs)
+    names = state_files(experiment_path, fs)
+    if not names:
+        return None
+    with fs.open_input_stream(names[-1]) as f:
+        raw = f.read()
+    try:
+        state = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("trial_data"), list):
+        return None
+    _write_atomic(fs, _join(experiment_path, GOOD_COPY), raw)
+    return state
+
+
+def prepare_restore(experiment_path: str, fs=None) -> str | None:
+    """Make the newest state restorable; returns what was done (None: nothing needed)."""
+    fs = _fs(fs)
+    names = state_files(experiment_path, fs)
+    if not names or _parse(fs, names[-1]) is not None:
+        return None
+    state = read_state(experiment_path, fs)     # retries, then the intact copy, else raises
+    aside = f"{names[-1]}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.move(names[-1], aside)
+    _write_atomic(fs, names[-1], json.dumps(state).encode())
+    msg = f"experiment state {names[-1]} was torn: kept it as {aside}, restoring from {GOOD_COPY}"
+    log.warning(msg)
+    return msg
+
+
+class StateKeeper(Callback):
+    """Keeps `GOOD_COPY` current: at most once per `every` seconds, and at the end of the run.
+
+    Each intact state goes to the test fault hook right after it is saved, so what the hook acts
+    on is exactly what a restore would find (the hook does nothing unless NEARID_FAULT arms it)."""
+
+    def __init__(self, experiment_path: str, fs=None, every: float = 1.0):
+        self.path, self.fs, self.every = experiment_path, fs, every
+        self.last = 0.0
+
+    def _keep(self) -> None:
+        try:
+            state = save_good_copy(self.path, self.fs)
+        except OSError as e:   # a storage hiccup must never stop the sweep
+            log.warning("could not save an intact copy of the experiment state: %s", e)
+            return
+        if state is not None:
+            tune_kill_after_trials(state, Path(self.path).parent / f"_fault_killed_{Path(self.path).name}")
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            self._keep()
+
+    def on_experiment_end(self, trials, **info):
+        self._keep()
