@@ -1,6 +1,7 @@
 """Evaluate scorers on every benchmark: `python -m jobs.evaluate --config configs/local.yaml`."""
 from __future__ import annotations
 
+from nearid.launch import run_entry
 from jobs._common import parse
 from nearid.stages.evaluate_report import add_evaluate_args, print_evaluation, run_evaluate
 
@@ -13,4 +14,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_entry(main))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
+from nearid.launch import run_entry
 from jobs._common import parse
 from nearid.raytools import init_ray
 from nearid.stages.extract import StorageRefused, run_extract
@@ -29,4 +30,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_entry(main))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+from nearid.launch import run_entry
 from jobs._common import parse
 from nearid.raytools import init_ray
 from nearid.stages.generate import log_generation, run_generate, validate_generation
@@ -28,4 +29,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_entry(main))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 
+from nearid.launch import run_entry
 from jobs._common import parse
 from nearid.raytools import init_ray
 from nearid.stages.evaluate_report import run_evaluate
@@ -15,7 +16,8 @@ from nearid.stages.extract import run_extract
 from nearid.stages.generate import log_generation, run_generate, validate_generation
 from nearid.stages.synth import run_synth
 from nearid.stages.train import run_train
-from nearid.tracking import Tracker
+from nearid.config import config_to_dict, flatten
+from nearid.tracking import Tracker, git_commit
 
 STAGES = ["synth", "generate", "extract", "train", "evaluate"]
 
@@ -28,46 +30,77 @@ def _extra(p):
     p.add_argument("--retrain", action="store_true", help="train even if the model exists")
 
 
+def _summary_params(name: str, res) -> dict:
+    """A stage summary's scalars (counts, names) as params of its MLflow run."""
+    if not isinstance(res, dict):
+        return {}
+    flat = flatten({k: v for k, v in res.items() if k != "seconds"}, f"{name}.")
+    return {k: v for k, v in flat.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
 def main(argv=None) -> dict:
     args, cfg, storage = parse("pipeline", __doc__, argv, _extra)
     ray = init_ray(cfg)
     tracker = Tracker.from_config(cfg, storage)
     timings, out = {}, {}
 
-    def stage(name, fn):
+    def stage(name, fn, own_run: bool = False):
+        """Run a stage as a child run of the pipeline's run: `fn(tracker)` gets a Tracker whose
+        runs nest under the pipeline (own_run: the stage starts and ends its run itself);
+        otherwise the stage's run is made here and gets the stage summary as params."""
         if name not in args.stages:
             return None
         t0 = time.time()
         print(f"\n=== stage {name} ===", flush=True)
-        res = fn()
+        if own_run:
+            res = fn(tracker.child())
+        else:
+            with tracker.child_run(f"{cfg.run.name}-{name}", tags={"stage": name, "data": storage.root}) as child:
+                res = fn(child)
+                child.log_params(_summary_params(name, res))
+                child.log_metrics({"time/stage_seconds": round(time.time() - t0, 1)})
         timings[name] = round(time.time() - t0, 1)
+        tracker.log_metrics({f"time/{name}_seconds": timings[name]})
         print(f"=== {name} done in {timings[name]}s", flush=True)
         return res
 
-    if args.source == "synth":
-        out["synth"] = stage("synth", lambda: run_synth(cfg, storage, ray))
-    out["generate"] = stage("generate", lambda: run_generate(cfg, storage, ray))
-    if out["generate"]:
+    def generate(t):
+        res = run_generate(cfg, storage, ray)
         check = validate_generation(storage, list(cfg.generate.settings), cfg.generate.mask_dilation,
                                     cfg.generate.validate_sample)
-        out["generate"]["validation"] = check["metrics"]
-        log_generation(tracker, cfg, storage, out["generate"], check)
-    out["extract"] = stage("extract", lambda: run_extract(cfg, storage, ray))
+        res["validation"] = check["metrics"]
+        log_generation(t, cfg, storage, res, check)
+        return res
+
     model_rel = f"models/{cfg.run.name}-train"
 
-    def train():
+    def train(t):
         if storage.exists(model_rel, "train_summary.json") and not args.retrain:
             print(f"model {storage.uri(model_rel)} exists: skipping (pass --retrain to train again)")
-            return storage.read_json(f"{model_rel}/train_summary.json")
-        return run_train(cfg, storage, ray, Tracker.from_config(cfg, storage))
+            summary = storage.read_json(f"{model_rel}/train_summary.json")
+            ml = summary.get("mlflow") or {}
+            with t.run(f"{cfg.run.name}-train", tags={
+                    "stage": "train", "reused": "true", "model_dir": storage.uri(model_rel),
+                    **{k: ml[src] for k, src in (("model_uri", "version_uri"), ("trained_in_run", "run_id"))
+                       if ml.get(src)}}):
+                pass
+            return summary
+        return run_train(cfg, storage, ray, t)
 
-    out["train"] = stage("train", train)
-    if "tune" in args.stages:
-        from tune.sweep import run_sweep
+    with tracker.run(f"{cfg.run.name}-pipeline", tags={
+            "stage": "pipeline", "data": storage.root, "backbone": cfg.extract.backbone.name,
+            "git_commit": git_commit(), "stages": ",".join(args.stages), "source": args.source}):
+        tracker.log_params(flatten(config_to_dict(cfg)))
+        if args.source == "synth":
+            out["synth"] = stage("synth", lambda t: run_synth(cfg, storage, ray))
+        out["generate"] = stage("generate", generate, own_run=True)
+        out["extract"] = stage("extract", lambda t: run_extract(cfg, storage, ray))
+        out["train"] = stage("train", train, own_run=True)
+        if "tune" in args.stages:
+            from tune.sweep import run_sweep
 
-        out["tune"] = stage("tune", lambda: run_sweep(cfg, storage, ray))
-
-    ev = stage("evaluate", lambda: run_evaluate(cfg, storage, ray, tracker))
+            out["tune"] = stage("tune", lambda t: run_sweep(cfg, storage, ray, tracker=t), own_run=True)
+        ev = stage("evaluate", lambda t: run_evaluate(cfg, storage, ray, t), own_run=True)
     storage.write_json("pipeline_summary.json", {"timings": timings, **{k: v for k, v in out.items()
                                                                       if k != "evaluate"}})
     print("\nstage timings (s):", json.dumps(timings))
@@ -77,9 +110,10 @@ def main(argv=None) -> dict:
         print("\nper setting (SSR / PA; seen = trained on, unseen = generators never trained on):\n")
         print(ev["settings_markdown"])
         print(f"\nreport files: {storage.uri('reports', cfg.run.name + '-eval')}")
-        print(f"MLflow: {tracker.ui_hint()}  (experiment '{cfg.tracking.experiment}')")
-    return {"timings": timings, "markdown": ev["markdown"] if ev else None}
+    print(f"MLflow: {tracker.ui_hint()}  (experiment '{cfg.tracking.experiment}'; run "
+          f"'{cfg.run.name}-pipeline' holds one child run per stage)")
+    return {"timings": timings, "markdown": ev["markdown"] if ev else None, "run_id": tracker.run_id}
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_entry(main))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from nearid.checks import check_input_file, check_model_source
+from nearid.launch import run_entry
 from nearid.raytools import init_ray
 from nearid.stages.score import run_score
 from nearid.storage import Storage
@@ -21,7 +23,10 @@ def main(argv=None) -> dict:
     p.add_argument("--actors", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite under --out)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     args = p.parse_args(argv)
+    check_input_file(args.pairs, "--pairs")      # before Ray starts
+    check_model_source(args.model)
     logging.basicConfig(level=logging.INFO)
     storage = Storage.open(args.out)
     ray = init_ray(None)
@@ -43,4 +48,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_entry(main))

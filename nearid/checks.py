@@ -28,7 +28,10 @@ def check_loss(cfg: Config) -> None:
 
 def check_scorers(scorers: list[str], readouts: list[str], where: str = "eval.scorers") -> None:
     for s in scorers:
-        if s == "nearid" or (s.startswith("nearid:") and len(s) > len("nearid:")):
+        if s == "nearid":
+            continue
+        if s.startswith("nearid:") and len(s) > len("nearid:"):
+            check_model_source(s.split(":", 1)[1], f"{where}: scorer {s!r}")
             continue
         if s.startswith("frozen:"):
             r = s.split(":", 1)[1]
@@ -71,3 +74,21 @@ def check_config(cfg: Config, stage: str) -> None:
     check_tracking_uri(cfg)
     if stage == "tune" and resolve_repo_path(cfg.tune.space) is None:
         raise ConfigError(f"tune.space = {cfg.tune.space!r}: no such file")
+
+
+def check_model_source(path: str, where: str = "--model") -> None:
+    """A local model dir must exist and hold config.json; s3:// and hub ids are checked on load."""
+    p = Path(path)
+    if "://" in path or (not p.exists() and path.count("/") == 1 and not path.startswith((".", "/"))):
+        return
+    if not p.is_dir():
+        raise ConfigError(f"{where}: model dir not found: {path}")
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"{where}: {path} holds no config.json (not a model dir)")
+
+
+def check_input_file(path: str, where: str) -> None:
+    if "://" in path:
+        return
+    if not Path(path).is_file():
+        raise ConfigError(f"{where}: file not found: {path}")

@@ -71,6 +71,7 @@ def _plan(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="nearid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("score", help="identity similarity of image pairs")
     s.add_argument("images", nargs="*", help="REF GEN")
@@ -145,5 +146,12 @@ def main(argv=None) -> int:
     return _report(args)
 
 
+def entry() -> int:
+    """Console script: user mistakes end as one `error:` line, exit 2 (`--debug` for tracebacks)."""
+    from .launch import run_entry
+
+    return run_entry(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

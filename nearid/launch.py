@@ -79,3 +79,26 @@ def setup(stage: str, args) -> tuple:
         _install_error_hook()
     storage.write_bytes(f"config/{stage}.yaml", dump_yaml(cfg).encode())
     return cfg, storage
+
+
+def _user_error_types() -> tuple:
+    from .images import BadImage
+
+    return (*USER_ERRORS, BadImage, ValueError, IsADirectoryError, PermissionError)
+
+
+def run_entry(main, argv=None) -> int:
+    """Run a job's or the CLI's main: a user mistake found at run time (a missing image or model
+    dir, an undecodable file, a bad value) ends as one `error:` line and exit 2; `--debug` (or
+    NEARID_DEBUG=1) shows the traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("NEARID_DEBUG") == "1"
+    try:
+        out = main(argv)
+    except _user_error_types() as e:
+        if debug:
+            raise
+        msg = str(e).strip() or type(e).__name__
+        print(f"error: {msg}" if not msg.startswith("error:") else msg, file=sys.stderr)
+        return 2
+    return out if isinstance(out, int) else 0

@@ -358,10 +358,17 @@ def model_card(config: dict, metrics: dict | None = None) -> str:
 
 
 def _open_image(path: str) -> Image.Image:
-    with fsspec.open(path, "rb") as handle:
-        image = Image.open(handle)
-        image.load()
-    return image
+    """An image file (local or fsspec URL); errors name the path, not a file object."""
+    from .images import BadImage, decode_image
+
+    try:
+        with fsspec.open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except (OSError, IsADirectoryError) as e:
+        raise BadImage(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    return decode_image(data, what=str(path))
 
 
 def score_pairs(

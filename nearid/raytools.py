@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
 from . import faults
 
@@ -42,13 +43,17 @@ def init_ray(cfg=None):
                else 512) * 1024**2
         ray.init(num_cpus=n, include_dashboard=False, object_store_memory=mem, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    # bars are for a terminal: in a log file (CI, `ray job logs`) they are thousands of escape codes
+    bars = sys.stdout.isatty() or os.environ.get("NEARID_PROGRESS_BARS") == "1"
+    ctx.enable_progress_bars = bars
+    ctx.enable_operator_progress_bars = bars
     return ray
 
 
 def write_dataset(ds, storage, table: str, partition_cols: list[str] | None = None) -> list[str]:
     """Write a Ray Dataset atomically into `table`: stage, then move finished files into place."""
     write_id, stage = storage.staging_dir(table)
+    ds.set_name(table)   # Ray's progress and log lines then say which table is being written
     try:
         ds.write_parquet(stage, filesystem=storage.fs, partition_cols=partition_cols or None)
     except BaseException:

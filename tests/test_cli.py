@@ -86,3 +86,47 @@ def test_plan_prints_the_cost_before_a_run(config, capsys, monkeypatch, tmp_path
     q = plan(load_config(ROOT / config), 2.0)
     ex = next(line for line in q["lines"] if line.stage.startswith("extract"))
     assert ex.source.startswith("measured") and ex.gpu_hours == pytest.approx(ex.images / 100.0 / 3600)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from nearid.model import NearIDModel
+
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    NearIDModel.from_backbone("tiny-random").save_pretrained(str(d))
+    return d
+
+
+def _run(args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_runtime_mistakes_name_the_file(tiny_model_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("reference,generated\na.png,b.png\n")
+    cases = {
+        "not an image": (["nearid.cli", "score", str(notes), str(notes), "--model", str(tiny_model_dir)],
+                         "notes.txt: cannot decode"),
+        "missing image": (["nearid.cli", "score", str(tmp_path / "gone.png"), str(notes), "--model",
+                           str(tiny_model_dir)], "gone.png"),
+        "missing model": (["nearid.cli", "score", str(notes), str(notes), "--model", str(tmp_path / "nomodel")],
+                          "nomodel"),
+        "missing pairs": (["jobs.score", "--pairs", str(tmp_path / "nopairs.csv"), "--model", str(tiny_model_dir),
+                           "--out", str(tmp_path / "o")], "nopairs.csv"),
+        "missing model dir (job)": (["jobs.score", "--pairs", str(pairs), "--model", str(tmp_path / "m2"),
+                                     "--out", str(tmp_path / "o")], "m2"),
+        "empty run folder": (["jobs.evaluate", "--config", CFG, "--set", f"run.root={tmp_path / 'empty'}",
+                              "--scorers", "frozen:map"], "no features table"),
+        "scorer model dir": (["jobs.evaluate", "--config", CFG, "--set", f"run.root={tmp_path / 'empty'}",
+                              "--scorers", f"nearid:{tmp_path / 'm3'}"], "m3"),
+    }
+    for name, (args, needle) in cases.items():
+        p = _run(args)
+        errors = [line for line in p.stderr.splitlines() if "error:" in line]
+        assert p.returncode == 2, (name, p.stderr[-3000:])
+        assert len(errors) == 1 and needle in errors[0], (name, p.stderr[-3000:])
+        assert "Traceback" not in p.stderr and "LocalFileOpener" not in p.stderr, name
+    p = _run(["nearid.cli", "--debug", "score", str(notes), str(notes), "--model", str(tiny_model_dir)])
+    assert p.returncode != 0 and "Traceback" in p.stderr          # --debug shows where it failed

@@ -151,3 +151,13 @@ def test_input_errors_name_the_problem():
 def test_kind_lists_agree():
     assert set(DIFFUSERS_KINDS) == set(KINDS)
     assert set(VALID_KINDS) == {"procedural", *KINDS}
+
+
+def test_pickle_only_pipeline_is_refused_naming_the_repo(tmp_path):
+    tiny = build_backend("sd_inpaint", tiny=True, steps=2)
+    tiny.pipeline.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    unet = tmp_path / "pickled" / "unet"   # (transformers 5 writes the text encoder as safetensors anyway)
+    assert list(unet.glob("*.bin")) and not list(unet.glob("*.safetensors"))
+    with pytest.raises(ValueError, match="no safetensors weights") as e:
+        build_backend("sd_inpaint", model=str(tmp_path / "pickled"), steps=2)
+    assert "pickled" in str(e.value)

@@ -194,6 +194,7 @@ class DiffusersInpaintBackend:
         kwargs: dict[str, Any] = {
             "dtype": torch_dtype,
             "local_files_only": hub_offline() or os.path.isdir(path),
+            "use_safetensors": True,   # never unpickle weights from a model hub or a folder
         }
         if variant:
             kwargs["variant"] = variant
@@ -202,7 +203,15 @@ class DiffusersInpaintBackend:
         if self.kind == "sdxl_inpaint":
             kwargs["add_watermarker"] = False  # a watermark would change background pixels
         pipeline_class = getattr(diffusers, self.spec.pipeline_class)
-        return pipeline_class.from_pretrained(path, **kwargs).to(self.device)
+        try:
+            pipeline = pipeline_class.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as e:
+            if "safetensors" not in str(e).lower():
+                raise
+            raise ValueError(f"diffusers model {self.model!r}: no safetensors weights (only pickle files such "
+                             f"as .bin?); refusing to unpickle them. Convert the repo to safetensors or pick "
+                             f"a revision that has them. ({type(e).__name__}: {str(e)[:300]})") from None
+        return pipeline.to(self.device)
 
     def describe(self) -> dict:
         """Settings worth logging next to the generated rows (MLflow params, `generator` column)."""

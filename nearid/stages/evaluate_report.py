@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -53,8 +54,10 @@ def hardest_failures(storage, sims: pd.DataFrame, k: int = 4) -> list[tuple]:
     return out
 
 
-def write_report(storage, tracker, result: dict, name: str, plots: bool = True) -> dict:
-    """Files under reports/<name>/ and the same table + plots on the MLflow run."""
+def write_report(storage, tracker, result: dict, name: str, plots: bool = True,
+                 scorer_params: dict[str, dict] | None = None) -> dict:
+    """Files under reports/<name>/ and the same table + plots on the MLflow run; each scorer's
+    results on a child run (params: `scorer_params["*"]` + `scorer_params[scorer]`)."""
     df = report.results_table(result["rows"])
     md = report.to_markdown(df)
     base = f"reports/{name}"
@@ -78,14 +81,52 @@ def write_report(storage, tracker, result: dict, name: str, plots: bool = True) 
         tracker.log_text(df.to_csv(), "report/table.csv")
         tracker.log_text(report.to_latex(df), "report/table.tex")
         tracker.log_text(json.dumps(per_setting, indent=2, default=float), "report/per_setting.json")
-        for r in result["rows"]:
-            s = r["scorer"].replace(":", "_")
-            tracker.log_metrics({f"{s}.{k}": v for k, v in r.items()
-                                 if k != "scorer" and isinstance(v, (int, float)) and v == v})
-        tracker.log_metrics({f"timing.{k}": v for k, v in result["timing"].items()})
+        tracker.log_metrics({f"timing/{k}": v for k, v in result["timing"].items()})
+        _log_scorer_runs(tracker, result, name, scorer_params or {})
         if plots:
             _log_plots(storage, tracker, result)
     return {"markdown": md, "frame": df, "settings_markdown": settings_md}
+
+
+# Table-1 row keys -> metric names shared by every scorer's run (so MLflow's compare view lines
+# them up); counts go to params
+EVAL_METRICS = {"nearid_ssr": "eval/ssr", "nearid_pa": "eval/pa", "nearid_pa_pure": "eval/pa_pure",
+                "nearid_ssr_unseen": "eval/ssr_unseen", "nearid_pa_unseen": "eval/pa_unseen",
+                "mtg_m_o": "mtg/m_o", "mtg_m_o_pair": "mtg/m_o_pair", "mtg_ssr": "mtg/ssr",
+                "mtg_pa": "mtg/pa", "db_m_h": "dbpp/m_h"}
+EVAL_COUNTS = {"rows": "count.eval_rows", "mtg_n": "count.mtg_items", "db_n": "count.dbpp_pairs"}
+
+
+def scorer_metrics(row: dict, table=None) -> tuple[dict, dict]:
+    """(metrics, count params) of one scorer's row (+ per-setting SSR/PA from its table)."""
+    metrics, counts = {}, {}
+    for k, v in row.items():
+        if k == "scorer" or not isinstance(v, (int, float)) or v != v:
+            continue
+        if k in EVAL_COUNTS or k.endswith("_n") or k == "n":
+            counts[EVAL_COUNTS.get(k, f"count.{k}")] = int(v)
+        else:
+            metrics[EVAL_METRICS.get(k, f"eval/{k}")] = float(v)
+    if table is not None:
+        for r in table.itertuples():
+            if r.setting != "pooled":
+                metrics[f"setting/{r.setting}/ssr"], metrics[f"setting/{r.setting}/pa"] = r.ssr, r.pa
+    return metrics, counts
+
+
+def _log_scorer_runs(tracker, result: dict, name: str, scorer_params: dict) -> None:
+    """One child run per scorer under the evaluation's run, all with the same metric names."""
+    for r in result["rows"]:
+        scorer = r["scorer"]
+        d = result["details"].get(scorer, {})
+        metrics, counts = scorer_metrics(r, d.get("table"))
+        params = {**scorer_params.get("*", {}), "scorer": scorer, **scorer_params.get(scorer, {}), **counts}
+        tags = {"stage": "evaluate-scorer", "scorer": scorer}
+        if params.get("model_uri"):
+            tags["model_uri"] = params["model_uri"]
+        with tracker.child_run(f"{name}/{scorer}", tags=tags) as child:
+            child.log_params(params)
+            child.log_metrics(metrics)
 
 
 def _log_plots(storage, tracker, result: dict) -> None:
@@ -116,12 +157,16 @@ def figure_png(fig) -> bytes:
 def run_evaluate(cfg, storage, ray=None, tracker=None, scorers: list[str] | None = None,
                  name: str | None = None) -> dict:
     """The evaluate stage: every benchmark for every scorer, the report files, one MLflow run
-    (params `eval.*`, tags stage/backbone/data); used by `jobs.evaluate`, the pipeline and
+    (params `eval.*`, tags stage/backbone/data/model_uri, the report and plots) with one child
+    run per scorer (same metric names for every scorer: `eval/ssr`, `mtg/m_o`, ...); used by `jobs.evaluate`, the pipeline and
     `nearid evaluate`. Returns {"rows", "timing", "markdown", "settings_markdown", "name"}."""
     from ..config import config_to_dict, flatten
     from .evaluate import evaluate_scorers
 
     scorers = scorers or cfg.eval.scorers
+    if not storage.table_exists("features"):
+        raise ValueError(f"{storage.uri('features')}: no features table in this run root; run "
+                         "jobs.extract (or jobs.pipeline) first")
     if ray is None and any(s.startswith("nearid") for s in scorers):
         from ..raytools import init_ray
 
@@ -131,13 +176,48 @@ def run_evaluate(cfg, storage, ray=None, tracker=None, scorers: list[str] | None
         from ..tracking import Tracker
 
         tracker = Tracker.from_config(cfg, storage)
+    eval_params = {k: v for k, v in flatten(config_to_dict(cfg)).items() if k.startswith("eval.")}
+    scorer_params = {"*": eval_params, **{s: evaluated_model(cfg, storage, s) for s in scorers}}
     with tracker.run(name, tags={"stage": "evaluate", "data": storage.root,
-                                 "backbone": cfg.extract.backbone.name}):
-        tracker.log_params({k: v for k, v in flatten(config_to_dict(cfg)).items() if k.startswith("eval.")})
+                                 "backbone": cfg.extract.backbone.name, "scorers": ",".join(scorers)}):
+        tracker.log_params(eval_params)
+        models = sorted({p["model_uri"] for p in scorer_params.values() if p.get("model_uri")})
+        if models:
+            tracker.set_tags({"model_uri": ",".join(models)})
         result = evaluate_scorers(cfg, storage, scorers, ray)
-        out = write_report(storage, tracker, result, name, plots=cfg.eval.plots)
+        out = write_report(storage, tracker, result, name, plots=cfg.eval.plots, scorer_params=scorer_params)
     return {"rows": result["rows"], "timing": result["timing"], "markdown": out["markdown"],
             "settings_markdown": out["settings_markdown"], "name": name, "tracker": tracker}
+
+
+def evaluated_model(cfg, storage, scorer: str) -> dict:
+    """For a `nearid` scorer: the model dir it scores with and, when run_train published it with
+    tracking on (its train_summary.json says so), the registered version and the training run."""
+    if scorer != "nearid" and not scorer.startswith("nearid:"):
+        return {}
+    from .evaluate import default_model_dir
+
+    model_dir = scorer.split(":", 1)[1] if ":" in scorer else default_model_dir(cfg, storage)
+    out = {"model_dir": model_dir}
+    summary = {}
+    try:
+        if ":" not in scorer:
+            rel = f"models/{cfg.run.name}-train"
+            if storage.exists(rel, "train_summary.json"):
+                summary = storage.read_json(f"{rel}/train_summary.json")
+        elif os.path.isfile(os.path.join(model_dir, "train_summary.json")):
+            with open(os.path.join(model_dir, "train_summary.json")) as f:
+                summary = json.load(f)
+    except Exception:  # noqa: BLE001 - provenance is a nicety, never a reason to fail
+        summary = {}
+    ml = summary.get("mlflow") or {}
+    if ml.get("version_uri") or ml.get("model_uri"):
+        out["model_uri"] = ml.get("version_uri") or ml["model_uri"]
+    if ml.get("version"):
+        out["model_version"] = f"{ml.get('registered_model')}/{ml['version']}"
+    if ml.get("run_id"):
+        out["model_run_id"] = ml["run_id"]
+    return out
 
 
 def print_evaluation(cfg, storage, out: dict) -> None:

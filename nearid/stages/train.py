@@ -137,6 +137,7 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
     n_mtg = int(pc.sum(pc.starts_with(ids, "mtg:")).as_py() or 0)
     n_items = n_total - n_mtg
     ds = ray.data.read_parquet(storage.uri(items), filesystem=storage.fs)
+    ds.set_name(items)
     if tc.materialize:
         # small enough for the object store: read once, not once per epoch
         ds = ds.materialize()
@@ -184,16 +185,33 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
                "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
                "published": published, "model_dir": model_dir, "seconds": round(time.time() - t0, 2)}
     if tracker is not None:
-        tracker.log_metrics({"train_wall_seconds": summary["seconds"],
-                             **{f"published.{k}": v for k, v in published["val"].items()
-                                if isinstance(v, (int, float))}})
-        tracker.set_tags({"published": tc.publish, "published_step": str(published["step"])})
-        local = _local_copy(storage, f"models/{run_name}")
-        tracker.log_artifact(local, "model")
+        summary["mlflow"] = _log_published(tracker, storage, run_name, run_id, model_dir, published, tc.publish)
+        tracker.log_metrics({"train/wall_seconds": summary["seconds"]})
         _log_curves(tracker, run_id)
         tracker.end("FINISHED")
     storage.write_json(f"models/{run_name}/train_summary.json", summary)
     return summary
+
+
+def _log_published(tracker, storage, run_name, run_id, model_dir, published, which) -> dict:
+    """The published model dir as a run artifact (`model/`) and as an MLflow model registered as
+    a new version of `nearid`, tagged with its val metrics and step; `published/*` metrics."""
+    from ..mlflow_model import REGISTERED_MODEL
+
+    val = {"val/" + k.removeprefix("val_"): v for k, v in published["val"].items()
+           if isinstance(v, (int, float))}
+    step = int(published["step"] or 0)
+    tracker.set_tags({"published": which, "published_step": str(published["step"]), "model_dir": model_dir})
+    local = _local_copy(storage, f"models/{run_name}")
+    tracker.log_artifact(local, "model")
+    logged = tracker.log_model(local, REGISTERED_MODEL, step=step, version_tags={
+        "run_name": run_name, "model_dir": model_dir, "published": which,
+        "published_step": published["step"], **val}) or {}
+    tracker.log_metrics({k.replace("val/", "published/", 1): v for k, v in val.items()}, step=step,
+                        model_id=logged.get("model_id"))
+    if logged.get("version_uri"):
+        tracker.set_tags({"model_uri": logged["version_uri"], "registered_version": logged["version"]})
+    return {"run_id": run_id, **logged}
 
 
 def pick_checkpoint(result, which: str = "final"):
@@ -252,12 +270,12 @@ def _log_curves(tracker, run_id) -> None:
         return [m.step for m in h], [m.value for m in h]
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    a.plot(*hist("loss"), label="total")
-    a.plot(*hist("loss_discrimination"), label="discrimination")
-    a.plot(*hist("loss_ranking"), label="ranking")
+    a.plot(*hist("train/loss"), label="total")
+    a.plot(*hist("train/loss_discrimination"), label="discrimination")
+    a.plot(*hist("train/loss_ranking"), label="ranking")
     a.set_xlabel("step"), a.set_title("training loss"), a.legend()
-    b.plot(*hist("val_ssr"), marker="o", label="SSR")
-    b.plot(*hist("val_pa"), marker="s", label="PA")
+    b.plot(*hist("val/ssr"), marker="o", label="SSR")
+    b.plot(*hist("val/pa"), marker="s", label="PA")
     b.set_xlabel("step"), b.set_title("validation (%)"), b.legend()
     fig.tight_layout()
     tracker.log_figure(fig, "plots/training_curves.png")

@@ -266,6 +266,9 @@ def train_loop(config: dict) -> dict:
                 last = _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings,
                                             token_source, model, opt, sched, scaler, metrics,
                                             epoch, step, steps_per_epoch, progress, tracker)
+                if ctx.rank == 0:
+                    print(progress_line(last, tc.epochs, total_steps, time.time() - t_start,
+                                        step - progress["resumed_from_step"]), flush=True)
                 faults.train_kill_driver(step, config.get("driver_pid"), ctx.rank, storage)
         if step >= total_steps:
             break
@@ -299,6 +302,21 @@ def _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings, tok
 
             shutil.copytree(tmp, ctx.out_dir, dirs_exist_ok=True)
     return metrics
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def progress_line(m: dict, epochs: int, total_steps: int, elapsed: float, steps_done: int) -> str:
+    """`epoch 7/40 step 100/520 loss 3.06 val SSR 12.2 PA 47.8, eta 1m40s` (eta from this run's pace)."""
+    line = f"epoch {int(m['epoch']) + 1}/{epochs} step {m['step']}/{total_steps} loss {m['loss']:.3f}"
+    if "val_ssr" in m:
+        line += f" val SSR {m['val_ssr']:.1f} PA {m['val_pa']:.1f}"
+    if steps_done > 0:
+        line += f", eta {_duration(elapsed / steps_done * (total_steps - m['step']))}"
+    return line
 
 
 def check_train_only(batch: dict) -> None:
