@@ -99,9 +99,14 @@ class ExtractConfig(Strict):
     write_tokens: bool = True
     readouts: list[str] = ["map", "mean"]
     batch_size: int = Field(64, ge=1)
-    num_actors: int = Field(1, ge=1)
+    num_actors: int = Field(1, ge=0)   # model actors; 0 = one per GPU the cluster has (gpus_per_actor > 0)
     cpus_per_actor: float = Field(0.5, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    # CPU decode/resize stage: an autoscaling pool of 1..decode_actors (0 = as many as the CPUs the
+    # model actors leave free allow), each with decode_cpus; prefetch = batches queued per actor
+    decode_actors: int = Field(0, ge=0)
+    decode_cpus: float = Field(0.25, gt=0)
+    prefetch_batches: int = Field(2, ge=1)
     max_storage_gb: float = Field(50.0, gt=0)
     allow_large: bool = False
 

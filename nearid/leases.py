@@ -271,6 +271,7 @@ def _ident(storage) -> tuple[str, str]:
 
 # ---- the process's leases and the SIGTERM handler that releases them -----------------------------
 _HELD: dict[tuple, "Lease"] = {}
+_OWN_TOKENS: set[str] = set()        # tokens of this process's leases, held or being acquired
 _HELD_LOCK = threading.RLock()
 _SIGNAL = {"installed": False, "previous": None}
 
@@ -327,7 +328,8 @@ class Lease:
         self.version = None
         self.started_ts: float | None = None
         self.lost: str | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()    # re-entrant: the SIGTERM handler may release mid-refresh
+        self._taken_from = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -361,9 +363,14 @@ class Lease:
 
     def _stale(self, rec: dict) -> str | None:
         o = rec.get("owner") or {}
-        if o.get("host") == socket.gethostname() and o.get("pidns") == _pidns() and \
-                isinstance(o.get("pid"), int) and o["pid"] != os.getpid() and not _pid_alive(o["pid"]):
-            return f"its owner (pid {o['pid']} on this host) is gone"
+        if o.get("host") == socket.gethostname() and o.get("pidns") == _pidns() and isinstance(o.get("pid"), int):
+            if o["pid"] != os.getpid() and not _pid_alive(o["pid"]):
+                return f"its owner (pid {o['pid']} on this host) is gone"
+            if o["pid"] == os.getpid():
+                with _HELD_LOCK:
+                    ours = rec.get("token") in _OWN_TOKENS
+                if not ours:
+                    return "this process left it behind (its release failed)"
         expiry = float(rec.get("expiry_s") or self.expiry_s)
         age = time.time() - float(rec.get("heartbeat_ts") or 0)
         if age > expiry:
@@ -391,7 +398,18 @@ class Lease:
     def acquire(self, wait_s: float | None = 0.0) -> "Lease":
         """Take the lease; wait up to `wait_s` seconds for a live holder (None: no limit, 0: refuse)."""
         deadline = None if wait_s is None else time.monotonic() + max(0.0, wait_s)
-        last_note = 0.0
+        last_note = float("-inf")
+        with _HELD_LOCK:
+            _OWN_TOKENS.add(self.token)
+        try:
+            self._take(deadline, last_note)
+        except BaseException:
+            with _HELD_LOCK:
+                _OWN_TOKENS.discard(self.token)
+            raise
+        return self._held()
+
+    def _take(self, deadline, last_note: float) -> None:
         while True:
             now = time.time()
             self.started_ts = now
@@ -427,6 +445,10 @@ class Lease:
                 continue
             self.version = back[1]
             break
+        self._taken_from = taken_from
+
+    def _held(self) -> "Lease":
+        taken_from = self._taken_from
         if taken_from is not None:
             rec, why = taken_from
             log.warning("took over the lease on table '%s' (%s) from %s: %s", self.name, self.uri,
@@ -480,6 +502,7 @@ class Lease:
                 key = (*_ident(self.storage), self.name)
                 if _HELD.get(key) is self:
                     del _HELD[key]
+                _OWN_TOKENS.discard(self.token)
                 empty = not _HELD
             if version is not None:
                 try:

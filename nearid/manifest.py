@@ -488,7 +488,7 @@ def cli_verify(args) -> int:
                       f"{', '.join(tables) or 'none'})", file=sys.stderr)
                 return 2
             tables = [args.table]
-        n_bad, n_parts, rerun = 0, 0, set()
+        n_bad, n_parts, n_moved, rerun = 0, 0, 0, set()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         for t in tables:
             r = check_table(storage, t, deep=not args.quick)
@@ -504,12 +504,14 @@ def cli_verify(args) -> int:
             for rel, rows, why in r["unrecorded"]:
                 print(f"  {'unreadable' if rows is None else 'unrecorded':<10} {storage.uri(t, rel)}: {why}")
             if args.repair and (broken or r["unrecorded"] or not r["manifest"]):
-                if repair_table(storage, r, stamp) or broken:
+                n_moved += len(repair_table(storage, r, stamp))
+                if broken:
                     rerun.add(writer_of(t))
         if args.repair:
             if n_bad:
-                print(f"verify: moved {n_bad} bad part(s) aside; rerun {', '.join(sorted(rerun))} to "
-                      f"recompute their keys")
+                print(f"verify: repaired {n_bad} bad part(s) ({n_moved} moved to {QUARANTINE}/, "
+                      f"{n_bad - n_moved} missing ones dropped from the manifest); rerun "
+                      f"{', '.join(sorted(rerun))} to recompute their keys")
             else:
                 print(f"verify: {n_parts} part(s) in {len(tables)} table(s) match their manifests; nothing to repair")
             return 0

@@ -12,7 +12,20 @@ log = logging.getLogger("nearid")
 
 WORKER_ENV = {"HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "NEARID_FAULT"}
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "NEARID_FAULT", "NEARID_ACTOR_LOG"}
+
+
+def record_placement(stage: str) -> None:
+    """NEARID_ACTOR_LOG=<file>: a model actor appends where it runs (node, GPU ids), so a test on a
+    simulated multi-node cluster can check one actor per declared GPU across nodes."""
+    path = os.environ.get("NEARID_ACTOR_LOG")
+    if not path:
+        return
+    import ray
+
+    ctx = ray.get_runtime_context()
+    with open(path, "a") as f:
+        f.write(json.dumps({"stage": stage, "node": ctx.get_node_id(), "gpus": ray.get_gpu_ids()}) + "\n")
 
 
 def _job_env_keys() -> set[str]:

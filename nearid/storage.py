@@ -152,7 +152,14 @@ class Storage:
                 "AWS_SECRET_ACCESS_KEY or storage.* in the config).") from None
 
     # ---- small files -------------------------------------------------------------------------
+    def _fresh(self, path: str) -> None:
+        """Forget s3fs's cached listing of `path`: other processes rewrite small files (manifests,
+        _SUCCESS.json), and a stale cached ETag makes s3fs's conditional GET fail with 412."""
+        if self.is_s3:
+            self.fs.handler.fs.invalidate_cache(path)
+
     def exists(self, *parts: str) -> bool:
+        self._fresh(self.path(*parts))
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
 
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -165,6 +172,7 @@ class Storage:
         self.fs.move(tmp, final)
 
     def read_bytes(self, rel: str) -> bytes:
+        self._fresh(self.path(rel))
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
 

@@ -9,6 +9,7 @@ runs in MLflow, then stops exactly the stack's processes.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -390,3 +391,34 @@ def test_stack_down_stops_exactly_its_processes(stack):
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_pool_shape_follows_the_cluster():
+    from nearid.config import load_config
+    from nearid.stages.extract import pool_shape
+
+    e = load_config(None, ["extract.num_actors=0", "extract.gpus_per_actor=1", "extract.cpus_per_actor=4",
+                           "extract.decode_cpus=1"]).extract
+    # 8 GPUs, 64 CPUs: one model actor per GPU; decoders on the 31.5 CPUs left, at most 4 per model actor
+    assert pool_shape(e, {"GPU": 8, "CPU": 64}) == {"model_actors": 8, "decode_actors": 31}
+    assert pool_shape(e, {"GPU": 2, "CPU": 64}) == {"model_actors": 2, "decode_actors": 8}
+    fixed = load_config(None, ["extract.num_actors=3", "extract.decode_actors=5"]).extract
+    assert pool_shape(fixed, {"CPU": 2}) == {"model_actors": 3, "decode_actors": 5}
+    cpu_only = load_config(None, []).extract
+    assert pool_shape(cpu_only, {"CPU": 4}) == {"model_actors": 1, "decode_actors": 4}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_model_actors_one_per_declared_gpu_across_simulated_nodes(tmp_path, job_process):
+    log = tmp_path / "actors.jsonl"
+    rc, out = job_process.run(["tests._multinode_run", str(tmp_path / "root"), str(log)], timeout=540)
+    assert rc == 0, job_process.tail()
+    info = json.loads(out.strip().splitlines()[-1])
+    placed = [json.loads(line) for line in log.read_text().splitlines()]
+    for stage in ("generate", "extract"):
+        actors = [p for p in placed if p["stage"] == stage]
+        # one model actor per declared GPU, on the two GPU nodes, each holding one GPU id
+        assert len(actors) >= 2 and {a["node"] for a in actors} == set(info["nodes"]), (stage, placed)
+        assert all(len(a["gpus"]) == 1 for a in actors), (stage, placed)
+    assert info["generate"] == 36

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from ..devices import to_host
 from ..images import BadImage, decode_image
 from ..leases import stage_leases
-from ..raytools import chunks, fault_point, write_dataset
+from ..raytools import chunks, fault_point, record_placement, write_dataset
 from ..schema import (DISTRACTORS, FEATURE_KEY, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
                       make_key, tensor_column)
 
@@ -166,6 +166,7 @@ class Embed:
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(round(ecfg.cpus_per_actor))))
         self.backbone, self.model = load_scorer(ecfg, self.device)
+        record_placement("extract")
         self.readouts = [] if self.model is not None else list(ecfg.readouts)
         self.write_tokens = write_tokens and self.model is None
 
@@ -256,6 +257,17 @@ def available_sources(storage, cfg) -> list[str]:
     return out
 
 
+def pool_shape(e, resources: dict) -> dict:
+    """Actor counts for the cluster at hand: model actors one per GPU (num_actors 0) or as
+    configured; decode actors up to what the CPUs left over by the model actors allow."""
+    gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
+    model = e.num_actors or (max(1, int(gpus // e.gpus_per_actor)) if e.gpus_per_actor > 0 else 1)
+    free = max(e.decode_cpus, cpus - model * e.cpus_per_actor - 0.5)   # 0.5: read/write tasks
+    # a few decoders per model actor keep it fed (CPU decode/resize is ~10x cheaper than the model)
+    decode = e.decode_actors or max(1, min(4 * model, int(free // e.decode_cpus)))
+    return {"model_actors": model, "decode_actors": decode}
+
+
 def estimate_bytes(n_rows: int, num_tokens: int, dim: int) -> int:
     return n_rows * num_tokens * dim * 2
 
@@ -292,14 +304,17 @@ def _run_extract(cfg, storage, ray, out_table: str, chunk_rows: int, allow_large
     todo = pa.concat_tables([t for _, _, t in pending]) if pending else None
     for n_chunk, chunk in enumerate(chunks(list(range(todo.num_rows if todo is not None else 0)), chunk_rows), 1):
         sub = todo.take(pa.array(chunk))
-        nblocks = max(1, min(e.num_actors * 4, sub.num_rows // max(1, e.batch_size)))
+        shape = pool_shape(e, ray.cluster_resources())
+        nblocks = max(1, min(shape["model_actors"] * 4 + shape["decode_actors"], sub.num_rows // max(1, e.batch_size)))
         ds = ray.data.from_arrow(sub).repartition(nblocks)
         ds = ds.map_batches(Decode, fn_constructor_args=(e.model_dump_json(),), batch_format="pyarrow",
-                            batch_size=e.batch_size, num_cpus=0.25,
-                            compute=ray.data.ActorPoolStrategy(size=1))
+                            batch_size=e.batch_size, num_cpus=e.decode_cpus,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=shape["decode_actors"],
+                                                               max_tasks_in_flight_per_actor=e.prefetch_batches))
         ds = ds.map_batches(Embed, fn_constructor_args=(e.model_dump_json(), write_tokens),
                             batch_format="numpy", batch_size=e.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+                            compute=ray.data.ActorPoolStrategy(size=shape["model_actors"],
+                                                               max_tasks_in_flight_per_actor=e.prefetch_batches),
                             num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None)
         files = write_dataset(ds, storage, out_table, ["source"])
         _record_rejects(storage, files)

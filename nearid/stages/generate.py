@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 
 from ..images import BadImage, decode_image, decode_mask, encode_png
 from ..leases import stage_leases
-from ..raytools import chunks, fault_point, write_dataset
+from ..raytools import chunks, fault_point, record_placement, write_dataset
 from ..schema import DISTRACTORS, POSITIVES, REJECTS, make_key
 
 log = logging.getLogger("nearid.generate")
@@ -70,6 +70,7 @@ class Inpaint:
             kw["resolution"] = resolution
         self.backend = build_backend(backend, **kw)
         self.setting, self.generator = setting, f"{backend}:{params.get('model', 'default')}"
+        record_placement("generate")
 
     def _run(self, imgs, masks, prompts, seeds):
         try:
@@ -221,16 +222,24 @@ def validate_generation(storage, settings: list[str], dilation: int, sample: int
 
 
 def log_generation(tracker, cfg, storage, summary: dict, check: dict) -> None:
-    """One MLflow run for a generation: settings, counts, validation shares, example grid."""
+    """One MLflow run for a generation: settings, validation shares and rejection rates as
+    `generate/<setting>/...` metrics, row counts as `count.<setting>.*` params, example grid."""
     from ..report import example_grid
 
     with tracker.run(f"{cfg.run.name}-generate", tags={"stage": "generate", "data": storage.root}):
         tracker.log_params({f"generate.{k}": v for k, v in cfg.generate.model_dump(mode="json").items()})
+        counts = {}
         for s, m in check["metrics"].items():
-            tracker.log_metrics({f"{s}.{k}": v for k, v in m.items()})
+            tracker.log_metrics({f"generate/{s}/{k}": v for k, v in m.items() if k != "checked"})
+            if "checked" in m:
+                counts[f"count.{s}.checked"] = m["checked"]
         for s, c in summary.items():
             if isinstance(c, dict) and "ok" in c:
-                tracker.log_metrics({f"{s}.rows_ok": c["ok"], f"{s}.rows_rejected": c["rejected"]})
+                counts.update({f"count.{s}.rows_{k}": c[k] for k in ("input", "ok", "rejected", "duplicates")
+                               if k in c})
+                if c.get("input"):
+                    tracker.log_metrics({f"generate/{s}/rejected_share": c["rejected"] / c["input"]})
+        tracker.log_params(counts)
         fig = example_grid(check["examples"])
         if fig is not None:
             import matplotlib.pyplot as plt
