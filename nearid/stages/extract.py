@@ -165,8 +165,8 @@ class Embed:
         self.device = "cuda" if torch.cuda.is_available() and ecfg.gpus_per_actor > 0 else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, int(round(ecfg.cpus_per_actor))))
+        record_placement("extract")   # first: a slow model load must not hide where the actor runs
         self.backbone, self.model = load_scorer(ecfg, self.device)
-        record_placement("extract")
         self.readouts = [] if self.model is not None else list(ecfg.readouts)
         self.write_tokens = write_tokens and self.model is None
 
