@@ -54,7 +54,8 @@ def init_ray(cfg=None):
         n = cfg.ray.num_cpus if cfg is not None and cfg.ray.num_cpus else max(4, os.cpu_count() or 2)
         mem = (cfg.ray.object_store_memory_mb if cfg is not None and cfg.ray.object_store_memory_mb
                else 512) * 1024**2
-        ray.init(num_cpus=n, include_dashboard=False, object_store_memory=mem, **kwargs)
+        # address="local": always a new runtime, never one a `ray start` on this machine left behind
+        ray.init(address="local", num_cpus=n, include_dashboard=False, object_store_memory=mem, **kwargs)
     ctx = ray.data.DataContext.get_current()
     # bars are for a terminal: in a log file (CI, `ray job logs`) they are thousands of escape codes
     bars = sys.stdout.isatty() or os.environ.get("NEARID_PROGRESS_BARS") == "1"

@@ -27,7 +27,8 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, object_store_memory=384 * 1024**2,
+        # address="local": a new runtime even if another process on this box runs a Ray head
+        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=384 * 1024**2,
                  log_to_driver=False, ignore_reinit_error=True,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
                                            "TOKENIZERS_PARALLELISM": "false"}})
