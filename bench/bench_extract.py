@@ -37,8 +37,9 @@ def bare_loop(cfg, images: list[bytes], batch: int) -> float:
         with torch.no_grad():
             tok = backbone.tokens(pix)
             ro = backbone.readouts(tokens=tok)
+        first = next(iter(ro.values()))
         pa.table({"tokens": tensor_column(tok.numpy()),
-                  "embedding": embedding_column(torch.nn.functional.normalize(ro["map"], dim=-1).numpy())})
+                  "embedding": embedding_column(torch.nn.functional.normalize(first, dim=-1).numpy())})
     return len(images) / (time.perf_counter() - t0)
 
 
@@ -61,9 +62,19 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1536)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--actors", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--backbone", default=None,
+                   help="e.g. dinov2-small@112: a model whose cost dominates (default: the config's)")
+    p.add_argument("--resolution", type=int, default=None, help="rendered image size (synth.resolution)")
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="bench-extract-")
-    cfg = load_config("configs/local.yaml", [f"run.root={root}", f"synth.n_identities={args.images // 3}"])
+    sets = [f"run.root={root}", f"synth.n_identities={args.images // 3}"]
+    if args.backbone:
+        sets.append(f"extract.backbone.name={args.backbone}")
+        if args.backbone.startswith("dinov2"):
+            sets.append("extract.readouts=[cls, mean]")
+    if args.resolution:
+        sets.append(f"synth.resolution={args.resolution}")
+    cfg = load_config("configs/local.yaml", sets)
     world = make_world(cfg)
     rows = list(world.positives_rows(world.ids()))
     st = Storage.open(root)
@@ -74,7 +85,7 @@ def main() -> None:
     images = [r["image"] for r in rows]
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     print(f"{len(images)} images, {cfg.extract.backbone.name} {cfg.extract.backbone.tiny or ''}, batch {args.batch}, "
           f"1 torch thread per worker, {os.cpu_count()} cores")

@@ -112,7 +112,8 @@ def check_ray_vs_bare(args, device, res):
                                                    schema=POSITIVES.schema))
     images = [r["image"] for r in rows]
     if not ray.is_initialized():   # logical CPUs >= 4 so the Decode and Embed actors never starve
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=False)
     batch = 8 if args.smoke else 128
     ray_job(cfg, root, 1, batch)                     # warm-up
     res["raydata_extract_img_s"] = ray_job(cfg, root, 1, batch)

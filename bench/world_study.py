@@ -57,6 +57,7 @@ class WorldConfig:
     dilation: int = 2
     distractors: str = "procedural"  # or "oracle" (SynthWorld.render_distractor)
     run_seed: int = 0
+    backgrounds: str = "photo"  # or "procedural" (SynthWorld(backgrounds=...))
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + _world_fingerprint()
@@ -65,8 +66,11 @@ class WorldConfig:
 
 @dataclass
 class ModelConfig:
-    """The frozen tiny SigLIP (tiny_overrides) and the head training recipe."""
+    """The frozen backbone (tiny SigLIP from tiny_overrides, or `backbone` = "dinov2-small[@px]")
+    and the head training recipe."""
 
+    backbone: str = "tiny-random"
+    head_init: str = "random"  # heads without a pretrained MAP head: "random" or "mean" (mean_pool_head_init_)
     image_size: int = 64
     patch_size: int = 8
     hidden_size: int = 64
@@ -112,6 +116,7 @@ class WorldData:
     settings: list[str]
     changed: list = field(default_factory=list)
     render_seconds: float = 0.0
+    redrawn_share: float = 0.0  # share of distractor draws re-drawn for low visibility
 
     @property
     def sources(self) -> list[str]:
@@ -132,10 +137,15 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
     if use_cache and path.exists():
         z = np.load(path, allow_pickle=True)
         return WorldData(list(z["ids"]), z["splits"], z["images"], list(z["settings"]),
-                         list(z["changed"]), float(z["render_seconds"]))
+                         list(z["changed"]), float(z["render_seconds"]),
+                         float(z["redrawn_share"]) if "redrawn_share" in z else 0.0)
+    from nearid.synth import visibility
+
+    visibility.reset_stats()
     t0 = time.perf_counter()
     world = SynthWorld(seed=wc.seed, n_identities=wc.n_identities, n_views=N_VIEWS,
-                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness)
+                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness,
+                       backgrounds=wc.backgrounds)
     backend = ProceduralBackend()
     ids = world.ids()
     settings = [name for name, _ in wc.settings]
@@ -165,24 +175,51 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
                 per_setting[s][v] = changed_attributes(spec, variant)
         changed.append(per_setting)
     splits = np.array([world.split_of(i) for i in ids])
-    data = WorldData(ids, splits, images, settings, changed, time.perf_counter() - t0)
+    share = visibility.STATS["redrawn"] / max(1, visibility.STATS["draws"])
+    data = WorldData(ids, splits, images, settings, changed, time.perf_counter() - t0, share)
     if use_cache:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         np.savez(path, ids=np.array(ids), splits=splits, images=images, settings=np.array(settings),
-                 changed=np.array(changed, dtype=object), render_seconds=data.render_seconds)
+                 changed=np.array(changed, dtype=object), render_seconds=data.render_seconds,
+                 redrawn_share=share)
     return data
 
 
+def _load(mc: ModelConfig):
+    if mc.backbone == "tiny-random":
+        return load_backbone("tiny-random", tiny_overrides=mc.tiny_overrides(), seed=mc.backbone_seed)
+    return load_backbone(mc.backbone, seed=mc.backbone_seed)
+
+
+def _token_key(wc: WorldConfig | None, mc: ModelConfig) -> str | None:
+    if wc is None:
+        return None
+    blob = wc.key() + json.dumps([mc.backbone, mc.tiny_overrides(), mc.backbone_seed], sort_keys=True)
+    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+
 @torch.no_grad()
-def extract(data: WorldData, mc: ModelConfig, batch: int = 256):
-    """Frozen tokens [n, S*V, T, D] (fp16) and frozen readouts {map, mean}: [n, S*V, D] (unit)."""
-    backbone = load_backbone("tiny-random", tiny_overrides=mc.tiny_overrides(), seed=mc.backbone_seed)
+def extract(data: WorldData, mc: ModelConfig, batch: int = 128, wc: WorldConfig | None = None,
+            use_cache: bool = True):
+    """Frozen tokens [n, S*V, T, D] (fp16) and frozen readouts {map|cls, mean}: [n, S*V, D]
+    (unit). With `wc` and use_cache, tokens of a pretrained backbone are cached on disk."""
+    backbone = _load(mc)
     from PIL import Image
+
+    key = _token_key(wc, mc) if backbone.name != "tiny-random" else None
+    path = CACHE_DIR / f"tokens-{key}.pt" if key else None
+    if use_cache and path is not None and path.exists():
+        tokens = torch.load(path)
+        flat_t = tokens.reshape(-1, *tokens.shape[2:]).float()
+        r = backbone.readouts(tokens=flat_t)
+        readouts = {k: torch.nn.functional.normalize(v, dim=-1).reshape(*tokens.shape[:2], -1).numpy()
+                    for k, v in r.items()}
+        return backbone, tokens, readouts
 
     n, S, V = data.images.shape[:3]
     flat = data.images.reshape(n * S * V, *data.images.shape[3:])
-    toks, maps, means = [], [], []
-    same_size = flat.shape[1] == backbone.image_size
+    toks, outs = [], {}
+    same_size = flat.shape[1] == backbone.image_size and backbone.kind == "siglip"
     for s in range(0, flat.shape[0], batch):
         if same_size:  # the processor's resize is a no-op here: rescale + normalise directly
             pix = torch.from_numpy(flat[s:s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -191,10 +228,13 @@ def extract(data: WorldData, mc: ModelConfig, batch: int = 256):
         t = backbone.tokens(pix).float()
         r = backbone.readouts(tokens=t)
         toks.append(t.half())
-        maps.append(torch.nn.functional.normalize(r["map"], dim=-1))
-        means.append(torch.nn.functional.normalize(r["mean"], dim=-1))
+        for k, v in r.items():
+            outs.setdefault(k, []).append(torch.nn.functional.normalize(v, dim=-1))
     tokens = torch.cat(toks).reshape(n, S * V, *toks[0].shape[1:])
-    readouts = {k: torch.cat(v).reshape(n, S * V, -1).numpy() for k, v in (("map", maps), ("mean", means))}
+    readouts = {k: torch.cat(v).reshape(n, S * V, -1).numpy() for k, v in outs.items()}
+    if use_cache and path is not None:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        torch.save(tokens, path)
     return backbone, tokens, readouts
 
 
@@ -202,7 +242,17 @@ def train_head(backbone, tokens: torch.Tensor, ids: list[str], mc: ModelConfig,
                log_every: int = 0) -> tuple[MAPHead, float, list[float]]:
     """Train a MAP head (started from the backbone's own) on cached tokens, like training.loop."""
     torch.manual_seed(mc.train_seed)
-    head = MAPHead.from_backbone(backbone)
+    if backbone.has_map_head:
+        head = MAPHead.from_backbone(backbone)
+    else:  # DINOv2 / CLIP: a fresh head shaped like NearIDModel.from_backbone builds it
+        conf = backbone.model.config
+        head = MAPHead.from_config(hidden_size=backbone.hidden_size, num_heads=conf.num_attention_heads,
+                                   intermediate_size=conf.intermediate_size,
+                                   layer_norm_eps=conf.layer_norm_eps, hidden_act=conf.hidden_act)
+        if mc.head_init == "mean":
+            from nearid.pretrained import mean_pool_head_init_
+
+            mean_pool_head_init_(head)
     head.train()
     loss_fn = build_loss(mc.loss, **mc.loss_params())
     opt = torch.optim.AdamW(head.parameters(), lr=mc.lr, weight_decay=mc.weight_decay)
@@ -283,7 +333,7 @@ def run_study(wc: WorldConfig, mc: ModelConfig, log_every: int = 0, use_cache: b
     torch.set_num_threads(mc.threads)
     data = render_world(wc, use_cache)
     t0 = time.perf_counter()
-    backbone, tokens, readouts = extract(data, mc)
+    backbone, tokens, readouts = extract(data, mc, wc=wc, use_cache=use_cache)
     extract_s = time.perf_counter() - t0
     train_mask = data.splits == "train"
     train_ids = [i for i, k in zip(data.ids, train_mask) if k]
@@ -291,22 +341,25 @@ def run_study(wc: WorldConfig, mc: ModelConfig, log_every: int = 0, use_cache: b
                                        log_every)
     out = {"render_s": round(data.render_seconds, 1), "extract_s": round(extract_s, 1),
            "train_s": round(train_s, 1), "final_loss": round(float(np.mean(losses[-10:])), 3),
-           "tokens": int(tokens.shape[2])}
+           "tokens": int(tokens.shape[2]), "redrawn_pct": round(100 * data.redrawn_share, 1)}
     trained = embed(head, tokens)
-    for name, emb in (("map", readouts["map"]), ("mean", readouts["mean"]), ("head", trained)):
+    # "map" = the first frozen readout: SigLIP's MAP head, or the CLS token of DINOv2 / CLIP
+    first = readouts["map"] if "map" in readouts else readouts["cls"]
+    for name, emb in (("map", first), ("mean", readouts["mean"]), ("head", trained)):
         for split in ("test", "train"):
             s = scores(emb, data, split)
             out[f"{name}_{split}_ssr"], out[f"{name}_{split}_pa"] = round(s["ssr"], 1), round(s["pa"], 1)
     out["head_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(trained, data).items()}
-    out["map_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(readouts["map"], data).items()}
+    out["map_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(first, data).items()}
+    out["frozen_first"] = "map" if "map" in readouts else "cls"
     out["_head"], out["_data"], out["_tokens"], out["_backbone"] = head, data, tokens, backbone
     return out
 
 
 def print_table(rows: list[tuple[str, dict]]) -> None:
     """One line per run: frozen readouts and trained head, test and train SSR/PA, seconds."""
-    cols = ["map_test_ssr", "mean_test_ssr", "head_test_ssr", "head_test_pa", "head_train_ssr",
-            "train_s", "render_s", "extract_s"]
+    cols = ["map_test_ssr", "map_test_pa", "mean_test_ssr", "mean_test_pa", "head_test_ssr", "head_test_pa", "head_train_ssr",
+            "train_s", "render_s", "extract_s", "redrawn_pct"]
     print("| run | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for name, r in rows:
