@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["synth.n_identities=36", "synth.n_mtg=6", "synth.n_graded=4", "train.epochs=2",
          "train.batch_size=16", "train.warmup_steps=2", "generate.validate_sample=20",
          "eval.plots=true"]
+# configs/local.yaml runs DINOv2 at 112 px; these tests pin the old tiny embedded settings (fast)
+TINY = ["extract.backbone.name=tiny-random", "synth.resolution=64", "extract.readouts=[map, mean]",
+        "eval.scorers=[\"frozen:map\", \"frozen:mean\", nearid]"]
+SMALL = [*TINY, *SMALL]
 
 
 def argv_for(root, *extra):
@@ -54,6 +58,7 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
     from mlflow import MlflowClient
 
     from nearid.model import NearIDModel
+    from nearid.tracking import use_local_proxied_artifacts
 
     root, summary = pipeline_run
     st = Storage.open(str(root))
@@ -68,24 +73,70 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
     assert "| nearid |" in summary["markdown"] and "| frozen:map |" in summary["markdown"]
     assert (root / "reports" / "demo-eval" / "table.tex").read_text().startswith("\\begin{tabular}")
 
+    use_local_proxied_artifacts()   # artifacts are `mlflow-artifacts:` locations under the run root
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
     exp = client.get_experiment_by_name("nearid-local")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    every = client.search_runs([exp.experiment_id])
+    runs = {r.info.run_name: r for r in every}
+
+    def children(run):
+        return [r for r in every if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+
+    pipe = runs["demo-pipeline"]     # the pipeline is a parent run with one child per stage
+    assert pipe.info.run_id == summary["run_id"] and pipe.info.status == "FINISHED"
+    stages = {r.data.tags["stage"]: r for r in children(pipe)}
+    assert set(stages) == {"synth", "generate", "extract", "train", "evaluate"}
+    assert {f"time/{s}_seconds" for s in stages} <= set(pipe.data.metrics)
+    assert stages["synth"].data.params["synth.identities"] == "36"
     train = runs["demo-train"]
+    assert stages["train"].info.run_id == train.info.run_id
     assert float(train.data.params["train.lr"]) == load_config(ROOT / "configs/local.yaml").train.lr
     assert train.data.tags["backbone"] == "tiny-random"
-    assert "val_ssr" in train.data.metrics and len(client.get_metric_history(train.info.run_id, "loss")) >= 1
+    assert "val/ssr" in train.data.metrics and len(client.get_metric_history(train.info.run_id, "train/loss")) >= 1
+    assert not [k for k in train.data.metrics if "/" not in k or k.endswith("/rows")]
     arts = {a.path for a in client.list_artifacts(train.info.run_id)}
     assert {"model", "plots"} <= arts
     assert {a.path for a in client.list_artifacts(train.info.run_id, "model")} >= {
         "model/config.json", "model/model.safetensors", "model/README.md"}
+    # the published model: an MLflow model registered as a version of `nearid`
+    version = client.get_model_version("nearid", train.data.tags["registered_version"])
+    assert version.run_id == train.info.run_id
+    assert version.tags["published_step"] == train.data.tags["published_step"] and "val/ssr" in version.tags
+    assert st.read_json("models/demo-train/train_summary.json")["mlflow"]["version_uri"] == \
+        train.data.tags["model_uri"] == f"models:/nearid/{version.version}"
     gen = runs["demo-generate"]
-    assert gen.data.metrics["flux.outside_equal_share"] == 1.0
+    assert stages["generate"].info.run_id == gen.info.run_id
+    assert gen.data.metrics["generate/flux/outside_equal_share"] == 1.0
+    assert gen.data.params["count.flux.rows_ok"] == "108" and not [k for k in gen.data.metrics if "rows" in k]
     assert "plots/distractor_examples.png" in {a.path for a in client.list_artifacts(gen.info.run_id, "plots")}
     ev = runs["demo-eval"]
-    assert "nearid.nearid_ssr" in ev.data.metrics
+    assert stages["evaluate"].info.run_id == ev.info.run_id
+    assert ev.data.params["eval.split"] == "test" and set(ev.data.metrics) == {"timing/embedding_s",
+                                                                                "timing/metrics_s"}
+    assert ev.data.tags["model_uri"] == train.data.tags["model_uri"]
     plots = {a.path for a in client.list_artifacts(ev.info.run_id, "plots")}
     assert {"plots/margin_histograms.png", "plots/similarity_tiers.png", "plots/ssr_per_setting.png"} <= plots
+    # one child run per scorer, all with the same metric names
+    scorers = {r.data.tags["scorer"]: r for r in children(ev)}
+    assert set(scorers) == {"frozen:map", "frozen:mean", "nearid"}
+    allowed = {"eval/ssr", "eval/pa", "eval/pa_pure", "eval/ssr_unseen", "eval/pa_unseen", "mtg/m_o",
+               "mtg/m_o_pair", "mtg/ssr", "mtg/pa", "dbpp/m_h"}
+    assert len({frozenset(r.data.metrics) for r in scorers.values()}) == 1
+    for r in scorers.values():
+        assert {"eval/ssr", "eval/pa", "eval/pa_pure"} <= set(r.data.metrics)
+        assert {k for k in r.data.metrics if not k.startswith("setting/")} <= allowed
+        assert r.data.params["eval.split"] == "test" and "count.eval_rows" in r.data.params
+    assert scorers["nearid"].data.metrics["eval/ssr"] == pytest.approx(
+        [row for row in summary_rows(root) if row["scorer"] == "nearid"][0]["nearid_ssr"])
+    nearid = scorers["nearid"].data.params
+    assert nearid["model_uri"] == train.data.tags["model_uri"] and nearid["model_dir"].endswith("models/demo-train")
+
+
+def summary_rows(root) -> list[dict]:
+    import csv
+
+    with open(root / "reports" / "demo-eval" / "table.csv") as f:
+        return [{"scorer": r["scorer"], "nearid_ssr": float(r["NearID SSR"])} for r in csv.DictReader(f)]
 
 
 def test_generate_rerun_is_a_noop_without_duplicates(pipeline_run, ray_local):

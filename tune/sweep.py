@@ -363,23 +363,19 @@ class ChildRunSearcher(Searcher):
         self.sweep, self.base_cfg_json, self.max_t = sweep, base_cfg_json, max_t
         self.tie_break = tie_break
         self.runs: dict[str, str] = {}
-        self._client = None
+        self._base = None   # one Tracker (one MLflow client) for every trial run, not pickled
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_client"] = None
+        state["_base"] = None
         return state
 
     def _tracker(self, run_id: str | None = None):
         from nearid.tracking import Tracker
 
-        t = Tracker(**self.tracking)
-        if self._client is not None:
-            t._client = self._client
-        self._client = t.client
-        if run_id:
-            t.attach(run_id)
-        return t
+        if getattr(self, "_base", None) is None:
+            self._base = Tracker(**self.tracking)
+        return self._base.for_run(run_id)
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return self.searcher.set_search_properties(metric, mode, config, **spec)
@@ -417,7 +413,7 @@ class ChildRunSearcher(Searcher):
         t.end("FAILED" if error else "FINISHED")
 
     def get_state(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("searcher", "_client")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("searcher", "_base", "_client")}
 
     def set_state(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -451,10 +447,12 @@ def sweep_name(cfg: Config, space: SearchSpace, name: str | None) -> str:
     return name or f"{cfg.run.name}-{Path(space.path).stem}"
 
 
-def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: str | None = None) -> dict:
+def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: str | None = None,
+              tracker=None) -> dict:
     """Run (or resume) a sweep; returns {"best_config", "best_val_ssr", "model_dir",
     "table_markdown", "trials", "stopped_early", ...}. Resubmitting the same name resumes an
-    interrupted sweep and returns the saved summary of a finished one."""
+    interrupted sweep and returns the saved summary of a finished one. `tracker`: where the
+    sweep's MLflow run goes (e.g. the pipeline's `tracker.child()`); default from cfg."""
     from ray import tune
 
     from nearid.stages.train import build_items, train_settings
@@ -490,7 +488,7 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
     points = space.grid() if searcher_kind == "grid" else None
     num_samples = len(points) if points is not None else tc.num_samples
 
-    tracker = Tracker.from_config(cfg, storage)
+    tracker = tracker if tracker is not None else Tracker.from_config(cfg, storage)
     meta_rel = f"tune/_sweeps/{name}.json"
     meta = storage.read_json(meta_rel) if storage.exists(meta_rel) else None
     if meta is not None and meta["space"] != space.text:
@@ -551,8 +549,7 @@ def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name,
 
     tc = base_cfg.tune
     inner = build_searcher(space, searcher_kind, tc.metric, tc.mode, base_cfg.run.seed, num_samples)
-    tracking = {"uri": tracker.uri, "experiment": tracker.experiment, "enabled": tracker.enabled,
-                "retries": tracker.retries, "artifact_root": tracker.artifact_root}
+    tracking = tracker.settings()
     searcher = ChildRunSearcher(inner, tracking, parent, name, base_cfg.model_dump_json(), max_t,
                                 tc.metric, tc.mode, space.tie_break)
     if space.scheduler == "asha":
@@ -635,16 +632,12 @@ def _trial_rows(grid, cfg, base_cfg, storage, space, max_t) -> list[dict]:
 
 
 def _log_child_results(tracker, rows, split, metric) -> None:
-    from nearid.tracking import Tracker
-
     for r in rows:
         if not r["run_id"]:
             continue
-        child = Tracker(tracker.uri, tracker.experiment, tracker.enabled, tracker.retries)
-        child._client = tracker.client
-        child.attach(r["run_id"])
+        child = tracker.for_run(r["run_id"])
         vals = {k: r[k] for k in r if k.startswith(f"{split}_") or k == f"best_{metric}"}
-        child.log_metrics({f"final.{k}": v for k, v in vals.items() if isinstance(v, float)})
+        child.log_metrics({f"final/{k}": v for k, v in vals.items() if isinstance(v, float)})
         child.set_tags({"tune.outcome": r["outcome"], "tune.reports": str(r["reports"])})
         child.end("FAILED" if r["outcome"] == "error" else "FINISHED")
 
@@ -760,7 +753,7 @@ def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) ->
         tracker.log_text(table_md, "ablation.md")
         tracker.log_text(ab.to_csv(index=False), "ablation.csv")
         for r in ab.to_dict("records"):
-            tracker.log_metrics({f"ablation.{r['loss']}.{c}": r[c] for c in ("SSR", "PA", "M-O", "M-H")})
+            tracker.log_metrics({f"ablation/{r['loss']}/{c}": r[c] for c in ("SSR", "PA", "M-O", "M-H")})
     fig = hparam_figure(rows, tc.metric)
     buf_path = storage.path(base, "hparams_vs_" + tc.metric + ".png") if not storage.is_s3 else None
     if buf_path:
@@ -773,11 +766,12 @@ def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) ->
     errors = sum(r["outcome"] == "error" for r in rows)
     best_cfg = best["config"]
     tracker.log_params({f"best.{k}": v for k, v in effective_params(base_cfg, best_cfg).items()})
-    tracker.log_metrics({f"best_{tc.metric}": best[key], "trials": len(rows), "stopped_early": stopped,
-                         "errors": errors, **{f"best.{cfg.eval.split}_{k}": v for k, v in test.items()},
-                         "sweep_seconds": round(time.time() - t0, 1)})
+    tracker.log_metrics({f"best/{tc.metric}": best[key],
+                         **{f"best/{cfg.eval.split}_{k}": v for k, v in test.items()},
+                         "time/sweep_seconds": round(time.time() - t0, 1)})
     tracker.set_tags({"best_trial": best["trial"], "model_dir": model_dir,
-                      "best_child_run_id": best["run_id"] or ""})
+                      "best_child_run_id": best["run_id"] or "", "count.trials": str(len(rows)),
+                      "count.stopped_early": str(stopped), "count.errors": str(errors)})
     tracker.log_text(md, "trials.md")
     tracker.log_text(trials_df.to_csv(index=False), "trials.csv")
     tracker.end("FINISHED")
