@@ -20,9 +20,9 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/python -m jobs.pipeline --config $(CONFIG)
 
+# RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S is a stall detector, not a speed limit: 600 s because a
+# shared, loaded CI box can starve one op for minutes; pytest-timeout still bounds every test
 test: install
-	# a stall detector, not a speed limit: 600 s because a shared, loaded CI box can starve one op for
-	# minutes; pytest-timeout still bounds every test
 	RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S=600 $(BIN)/python -m pytest -q -ra tests
 
 test-fast: install

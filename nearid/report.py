@@ -90,7 +90,9 @@ def margin_histograms(margins_by_scorer: dict[str, pd.DataFrame]):
             ax.hist(m, bins=40, alpha=0.55, label=name)
         ax.axvline(0, color="k", lw=0.8)
         ax.set_title(f"margin: {s}")
-    axes[0][0].legend(fontsize=7)
+        ax.set_xlabel("margin = sim(views) - sim(view, distractor)")
+    axes[0][0].set_ylabel("margin terms")
+    axes[0][0].legend(fontsize=9, title="scorer", title_fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -104,8 +106,9 @@ def tier_distributions(tiers_by_scorer: dict[str, dict[str, np.ndarray]]):
         for tier, vals in tiers.items():
             ax.hist(vals, bins=40, alpha=0.55, label=tier, density=True)
         ax.set_title(name)
-        ax.set_xlabel("cosine")
-    axes[0][0].legend(fontsize=7)
+        ax.set_xlabel("cosine similarity")
+    axes[0][0].set_ylabel("density")
+    axes[0][0].legend(fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -113,9 +116,14 @@ def tier_distributions(tiers_by_scorer: dict[str, dict[str, np.ndarray]]):
 def ssr_bars(per_setting: pd.DataFrame):
     """per_setting: index setting, one column per scorer (SSR)."""
     plt = _plt()
-    ax = per_setting.plot.bar(figsize=(1.2 * len(per_setting) + 3, 3))
+    ax = per_setting.plot.bar(figsize=(1.2 * len(per_setting) + 3, 3.2))
     ax.set_ylabel("SSR (%)")
+    ax.set_xlabel("distractor setting")
     ax.set_ylim(0, 100)
+    ax.legend(fontsize=9, title="scorer")
+    # a bar at 0 is a result, not missing data: label every bar with its value
+    for container in ax.containers:
+        ax.bar_label(container, fmt="%.1f", fontsize=8, padding=1)
     fig = ax.get_figure()
     fig.tight_layout()
     return fig

@@ -116,6 +116,8 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
     assert ev.data.tags["model_uri"] == train.data.tags["model_uri"]
     plots = {a.path for a in client.list_artifacts(ev.info.run_id, "plots")}
     assert {"plots/margin_histograms.png", "plots/similarity_tiers.png", "plots/ssr_per_setting.png"} <= plots
+    on_disk = {f"plots/{p.name}" for p in (root / "reports/demo-eval/plots").glob("*.png")}
+    assert on_disk >= {"plots/margin_histograms.png", "plots/ssr_per_setting.png"}    # not only in MLflow
     # one child run per scorer, all with the same metric names
     scorers = {r.data.tags["scorer"]: r for r in children(ev)}
     assert set(scorers) == {"frozen:map", "frozen:mean", "nearid"}

@@ -83,8 +83,8 @@ def write_report(storage, tracker, result: dict, name: str, plots: bool = True,
         tracker.log_text(json.dumps(per_setting, indent=2, default=float), "report/per_setting.json")
         tracker.log_metrics({f"timing/{k}": v for k, v in result["timing"].items()})
         _log_scorer_runs(tracker, result, name, scorer_params or {})
-        if plots:
-            _log_plots(storage, tracker, result)
+    if plots:
+        _log_plots(storage, tracker, result, base)
     return {"markdown": md, "frame": df, "settings_markdown": settings_md}
 
 
@@ -129,7 +129,8 @@ def _log_scorer_runs(tracker, result: dict, name: str, scorer_params: dict) -> N
             child.log_metrics(metrics)
 
 
-def _log_plots(storage, tracker, result: dict) -> None:
+def _log_plots(storage, tracker, result: dict, base: str) -> None:
+    """The report's figures, as PNG files under `<base>/plots/` and on the MLflow run."""
     import matplotlib.pyplot as plt
 
     det = result["details"]
@@ -144,13 +145,15 @@ def _log_plots(storage, tracker, result: dict) -> None:
     if grid is not None:
         figs["plots/hardest_failures.png"] = grid
     for name, fig in figs.items():
-        tracker.log_figure(fig, name)
+        storage.write_bytes(f"{base}/{name}", figure_png(fig))
+        if tracker is not None:
+            tracker.log_figure(fig, name)
         plt.close(fig)
 
 
 def figure_png(fig) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     return buf.getvalue()
 
 
