@@ -323,3 +323,13 @@ def load_backbone(
     reload_name = name if name.startswith("s3://") or not os.path.isdir(name) else source
     backbone = Backbone(model, kind, processor, name=reload_name, reloadable=True)
     return backbone.to(device)
+
+
+def backbone_kwargs(bcfg) -> dict:
+    """`load_backbone` keyword arguments from a `BackboneConfig` (tiny dims, seeds)."""
+    return dict(tiny_overrides=bcfg.tiny or None, seed=bcfg.seed) if bcfg.name == "tiny-random" \
+        else dict(seed=bcfg.seed) if bcfg.name == "so400m-random" else {}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]

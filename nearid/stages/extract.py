@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..backbone import backbone_kwargs, torch_dtype  # noqa: F401 (re-exported for callers)
 from ..devices import to_host
 from ..images import BadImage, decode_image
 from ..leases import stage_leases
@@ -28,15 +29,6 @@ class StorageRefused(RuntimeError):
     """The estimated token cache is larger than the configured limit."""
 
 
-def backbone_kwargs(bcfg) -> dict:
-    return dict(tiny_overrides=bcfg.tiny or None, seed=bcfg.seed) if bcfg.name == "tiny-random" \
-        else dict(seed=bcfg.seed) if bcfg.name == "so400m-random" else {}
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 def load_scorer(ecfg, device: str = "cpu"):

@@ -155,7 +155,7 @@ def train_loop(config: dict) -> dict:
     "out_dir": for local runs, "fault_kill_step": int|None, "fault_marker": path}."""
     from ..losses import build_loss
     from ..model import NearIDModel
-    from ..stages.extract import backbone_kwargs
+    from ..backbone import backbone_kwargs
 
     cfg = Config.model_validate_json(config["cfg"])
     tc = cfg.train
