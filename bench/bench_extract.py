@@ -57,6 +57,17 @@ def ray_job(cfg, root: str, actors: int, batch: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def write_world_positives(cfg, root: str) -> list[bytes]:
+    """Render the config's synthetic world into `root`'s positives table; returns the image bytes."""
+    from nearid.schema import POSITIVES
+
+    world = make_world(cfg)
+    rows = list(world.positives_rows(world.ids()))
+    Storage.open(root).write_table(POSITIVES, pa.Table.from_pylist(
+        [{k: r[k] for k in POSITIVES.columns} for r in rows], schema=POSITIVES.schema))
+    return [r["image"] for r in rows]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--images", type=int, default=1536)
@@ -75,14 +86,7 @@ def main() -> None:
     if args.resolution:
         sets.append(f"synth.resolution={args.resolution}")
     cfg = load_config("configs/local.yaml", sets)
-    world = make_world(cfg)
-    rows = list(world.positives_rows(world.ids()))
-    st = Storage.open(root)
-    from nearid.schema import POSITIVES
-
-    st.write_table(POSITIVES, pa.Table.from_pylist([{k: r[k] for k in POSITIVES.columns} for r in rows],
-                                                   schema=POSITIVES.schema))
-    images = [r["image"] for r in rows]
+    images = write_world_positives(cfg, root)
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)

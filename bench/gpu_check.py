@@ -91,12 +91,8 @@ def check_extraction(args, device, res):
 def check_ray_vs_bare(args, device, res):
     import ray
 
-    from bench.bench_extract import bare_loop, ray_job   # same functions as the CPU bench
+    from bench.bench_extract import bare_loop, ray_job, write_world_positives   # as the CPU bench
     from nearid.config import load_config
-    from nearid.schema import POSITIVES
-    from nearid.stages.synth import make_world
-    from nearid.storage import Storage
-    import pyarrow as pa
 
     n = 96 if args.smoke else 3072
     root = tempfile.mkdtemp(prefix="gpu-check-")
@@ -105,12 +101,7 @@ def check_ray_vs_bare(args, device, res):
         f"run.root={root}", f"synth.n_identities={n // 3}", f"extract.backbone.name={backbone_name}",
         f"extract.backbone.dtype={'fp32' if args.smoke else 'bf16'}",
         f"extract.gpus_per_actor={1 if device == 'cuda' else 0}", "synth.resolution=384"])
-    world = make_world(cfg)
-    rows = list(world.positives_rows(world.ids()))
-    st = Storage.open(root)
-    st.write_table(POSITIVES, pa.Table.from_pylist([{k: r[k] for k in POSITIVES.columns} for r in rows],
-                                                   schema=POSITIVES.schema))
-    images = [r["image"] for r in rows]
+    images = write_world_positives(cfg, root)
     if not ray.is_initialized():   # logical CPUs >= 4 so the Decode and Embed actors never starve
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False)

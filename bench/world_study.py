@@ -58,9 +58,13 @@ class WorldConfig:
     distractors: str = "procedural"  # or "oracle" (SynthWorld.render_distractor)
     run_seed: int = 0
     backgrounds: str = "photo"  # or "procedural" (SynthWorld(backgrounds=...))
+    area_range: tuple[float, float] | None = None  # None: SynthWorld's default object area fractions
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True) + _world_fingerprint()
+        d = asdict(self)
+        if d["area_range"] is None:  # keys of worlds cached before the field existed stay valid
+            del d["area_range"]
+        blob = json.dumps(d, sort_keys=True) + _world_fingerprint()
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 
@@ -145,7 +149,8 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
     t0 = time.perf_counter()
     world = SynthWorld(seed=wc.seed, n_identities=wc.n_identities, n_views=N_VIEWS,
                        resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness,
-                       backgrounds=wc.backgrounds)
+                       backgrounds=wc.backgrounds,
+                       **({"area_range": tuple(wc.area_range)} if wc.area_range else {}))
     backend = ProceduralBackend()
     ids = world.ids()
     settings = [name for name, _ in wc.settings]
@@ -376,6 +381,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             default = f.default
             if f.name == "split":
                 parser.add_argument(flag, type=float, nargs=3, default=list(default))
+            elif f.name == "area_range":
+                parser.add_argument(flag, type=float, nargs=2, default=None)
             elif f.name == "settings":
                 parser.add_argument(flag, default=",".join(f"{n}:{c}" for n, c in default),
                                     help="name:n_changes,...")
@@ -388,6 +395,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def configs_from(args: argparse.Namespace) -> tuple[WorldConfig, ModelConfig]:
     w = {f.name: getattr(args, f.name) for f in fields(WorldConfig)}
     w["split"] = tuple(w["split"])
+    w["area_range"] = tuple(w["area_range"]) if w["area_range"] else None
     w["settings"] = tuple((n, int(c)) for n, c in (p.split(":") for p in w["settings"].split(",")))
     m = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
     return WorldConfig(**w), ModelConfig(**m)
