@@ -57,24 +57,16 @@ class WorldConfig:
     dilation: int = 2
     distractors: str = "procedural"  # or "oracle" (SynthWorld.render_distractor)
     run_seed: int = 0
-    backgrounds: str = "photo"  # or "procedural" (SynthWorld(backgrounds=...))
-    area_range: tuple[float, float] | None = None  # None: SynthWorld's default object area fractions
 
     def key(self) -> str:
-        d = asdict(self)
-        if d["area_range"] is None:  # keys of worlds cached before the field existed stay valid
-            del d["area_range"]
-        blob = json.dumps(d, sort_keys=True) + _world_fingerprint()
+        blob = json.dumps(asdict(self), sort_keys=True) + _world_fingerprint()
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 
 @dataclass
 class ModelConfig:
-    """The frozen backbone (tiny SigLIP from tiny_overrides, or `backbone` = "dinov2-small[@px]")
-    and the head training recipe."""
+    """The frozen tiny SigLIP (tiny_overrides) and the head training recipe."""
 
-    backbone: str = "tiny-random"
-    head_init: str = "random"  # heads without a pretrained MAP head: "random" or "mean" (mean_pool_head_init_)
     image_size: int = 64
     patch_size: int = 8
     hidden_size: int = 64
@@ -120,7 +112,6 @@ class WorldData:
     settings: list[str]
     changed: list = field(default_factory=list)
     render_seconds: float = 0.0
-    redrawn_share: float = 0.0  # share of distractor draws re-drawn for low visibility
 
     @property
     def sources(self) -> list[str]:
@@ -141,16 +132,10 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
     if use_cache and path.exists():
         z = np.load(path, allow_pickle=True)
         return WorldData(list(z["ids"]), z["splits"], z["images"], list(z["settings"]),
-                         list(z["changed"]), float(z["render_seconds"]),
-                         float(z["redrawn_share"]) if "redrawn_share" in z else 0.0)
-    from nearid.synth import visibility
-
-    visibility.reset_stats()
+                         list(z["changed"]), float(z["render_seconds"]))
     t0 = time.perf_counter()
     world = SynthWorld(seed=wc.seed, n_identities=wc.n_identities, n_views=N_VIEWS,
-                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness,
-                       backgrounds=wc.backgrounds,
-                       **({"area_range": tuple(wc.area_range)} if wc.area_range else {}))
+                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness)
     backend = ProceduralBackend()
     ids = world.ids()
     settings = [name for name, _ in wc.settings]
@@ -180,51 +165,24 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
                 per_setting[s][v] = changed_attributes(spec, variant)
         changed.append(per_setting)
     splits = np.array([world.split_of(i) for i in ids])
-    share = visibility.STATS["redrawn"] / max(1, visibility.STATS["draws"])
-    data = WorldData(ids, splits, images, settings, changed, time.perf_counter() - t0, share)
+    data = WorldData(ids, splits, images, settings, changed, time.perf_counter() - t0)
     if use_cache:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         np.savez(path, ids=np.array(ids), splits=splits, images=images, settings=np.array(settings),
-                 changed=np.array(changed, dtype=object), render_seconds=data.render_seconds,
-                 redrawn_share=share)
+                 changed=np.array(changed, dtype=object), render_seconds=data.render_seconds)
     return data
 
 
-def _load(mc: ModelConfig):
-    if mc.backbone == "tiny-random":
-        return load_backbone("tiny-random", tiny_overrides=mc.tiny_overrides(), seed=mc.backbone_seed)
-    return load_backbone(mc.backbone, seed=mc.backbone_seed)
-
-
-def _token_key(wc: WorldConfig | None, mc: ModelConfig) -> str | None:
-    if wc is None:
-        return None
-    blob = wc.key() + json.dumps([mc.backbone, mc.tiny_overrides(), mc.backbone_seed], sort_keys=True)
-    return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
-
-
 @torch.no_grad()
-def extract(data: WorldData, mc: ModelConfig, batch: int = 128, wc: WorldConfig | None = None,
-            use_cache: bool = True):
-    """Frozen tokens [n, S*V, T, D] (fp16) and frozen readouts {map|cls, mean}: [n, S*V, D]
-    (unit). With `wc` and use_cache, tokens of a pretrained backbone are cached on disk."""
-    backbone = _load(mc)
+def extract(data: WorldData, mc: ModelConfig, batch: int = 256):
+    """Frozen tokens [n, S*V, T, D] (fp16) and frozen readouts {map, mean}: [n, S*V, D] (unit)."""
+    backbone = load_backbone("tiny-random", tiny_overrides=mc.tiny_overrides(), seed=mc.backbone_seed)
     from PIL import Image
-
-    key = _token_key(wc, mc) if backbone.name != "tiny-random" else None
-    path = CACHE_DIR / f"tokens-{key}.pt" if key else None
-    if use_cache and path is not None and path.exists():
-        tokens = torch.load(path)
-        flat_t = tokens.reshape(-1, *tokens.shape[2:]).float()
-        r = backbone.readouts(tokens=flat_t)
-        readouts = {k: torch.nn.functional.normalize(v, dim=-1).reshape(*tokens.shape[:2], -1).numpy()
-                    for k, v in r.items()}
-        return backbone, tokens, readouts
 
     n, S, V = data.images.shape[:3]
     flat = data.images.reshape(n * S * V, *data.images.shape[3:])
-    toks, outs = [], {}
-    same_size = flat.shape[1] == backbone.image_size and backbone.kind == "siglip"
+    toks, maps, means = [], [], []
+    same_size = flat.shape[1] == backbone.image_size
     for s in range(0, flat.shape[0], batch):
         if same_size:  # the processor's resize is a no-op here: rescale + normalise directly
             pix = torch.from_numpy(flat[s:s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -233,13 +191,10 @@ def extract(data: WorldData, mc: ModelConfig, batch: int = 128, wc: WorldConfig 
         t = backbone.tokens(pix).float()
         r = backbone.readouts(tokens=t)
         toks.append(t.half())
-        for k, v in r.items():
-            outs.setdefault(k, []).append(torch.nn.functional.normalize(v, dim=-1))
+        maps.append(torch.nn.functional.normalize(r["map"], dim=-1))
+        means.append(torch.nn.functional.normalize(r["mean"], dim=-1))
     tokens = torch.cat(toks).reshape(n, S * V, *toks[0].shape[1:])
-    readouts = {k: torch.cat(v).reshape(n, S * V, -1).numpy() for k, v in outs.items()}
-    if use_cache and path is not None:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        torch.save(tokens, path)
+    readouts = {k: torch.cat(v).reshape(n, S * V, -1).numpy() for k, v in (("map", maps), ("mean", means))}
     return backbone, tokens, readouts
 
 
@@ -247,17 +202,7 @@ def train_head(backbone, tokens: torch.Tensor, ids: list[str], mc: ModelConfig,
                log_every: int = 0) -> tuple[MAPHead, float, list[float]]:
     """Train a MAP head (started from the backbone's own) on cached tokens, like training.loop."""
     torch.manual_seed(mc.train_seed)
-    if backbone.has_map_head:
-        head = MAPHead.from_backbone(backbone)
-    else:  # DINOv2 / CLIP: a fresh head shaped like NearIDModel.from_backbone builds it
-        conf = backbone.model.config
-        head = MAPHead.from_config(hidden_size=backbone.hidden_size, num_heads=conf.num_attention_heads,
-                                   intermediate_size=conf.intermediate_size,
-                                   layer_norm_eps=conf.layer_norm_eps, hidden_act=conf.hidden_act)
-        if mc.head_init == "mean":
-            from nearid.pretrained import mean_pool_head_init_
-
-            mean_pool_head_init_(head)
+    head = MAPHead.from_backbone(backbone)
     head.train()
     loss_fn = build_loss(mc.loss, **mc.loss_params())
     opt = torch.optim.AdamW(head.parameters(), lr=mc.lr, weight_decay=mc.weight_decay)
@@ -338,7 +283,7 @@ def run_study(wc: WorldConfig, mc: ModelConfig, log_every: int = 0, use_cache: b
     torch.set_num_threads(mc.threads)
     data = render_world(wc, use_cache)
     t0 = time.perf_counter()
-    backbone, tokens, readouts = extract(data, mc, wc=wc, use_cache=use_cache)
+    backbone, tokens, readouts = extract(data, mc)
     extract_s = time.perf_counter() - t0
     train_mask = data.splits == "train"
     train_ids = [i for i, k in zip(data.ids, train_mask) if k]
@@ -346,25 +291,22 @@ def run_study(wc: WorldConfig, mc: ModelConfig, log_every: int = 0, use_cache: b
                                        log_every)
     out = {"render_s": round(data.render_seconds, 1), "extract_s": round(extract_s, 1),
            "train_s": round(train_s, 1), "final_loss": round(float(np.mean(losses[-10:])), 3),
-           "tokens": int(tokens.shape[2]), "redrawn_pct": round(100 * data.redrawn_share, 1)}
+           "tokens": int(tokens.shape[2])}
     trained = embed(head, tokens)
-    # "map" = the first frozen readout: SigLIP's MAP head, or the CLS token of DINOv2 / CLIP
-    first = readouts["map"] if "map" in readouts else readouts["cls"]
-    for name, emb in (("map", first), ("mean", readouts["mean"]), ("head", trained)):
+    for name, emb in (("map", readouts["map"]), ("mean", readouts["mean"]), ("head", trained)):
         for split in ("test", "train"):
             s = scores(emb, data, split)
             out[f"{name}_{split}_ssr"], out[f"{name}_{split}_pa"] = round(s["ssr"], 1), round(s["pa"], 1)
     out["head_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(trained, data).items()}
-    out["map_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(first, data).items()}
-    out["frozen_first"] = "map" if "map" in readouts else "cls"
+    out["map_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(readouts["map"], data).items()}
     out["_head"], out["_data"], out["_tokens"], out["_backbone"] = head, data, tokens, backbone
     return out
 
 
 def print_table(rows: list[tuple[str, dict]]) -> None:
     """One line per run: frozen readouts and trained head, test and train SSR/PA, seconds."""
-    cols = ["map_test_ssr", "map_test_pa", "mean_test_ssr", "mean_test_pa", "head_test_ssr", "head_test_pa", "head_train_ssr",
-            "train_s", "render_s", "extract_s", "redrawn_pct"]
+    cols = ["map_test_ssr", "mean_test_ssr", "head_test_ssr", "head_test_pa", "head_train_ssr",
+            "train_s", "render_s", "extract_s"]
     print("| run | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for name, r in rows:
@@ -381,8 +323,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             default = f.default
             if f.name == "split":
                 parser.add_argument(flag, type=float, nargs=3, default=list(default))
-            elif f.name == "area_range":
-                parser.add_argument(flag, type=float, nargs=2, default=None)
             elif f.name == "settings":
                 parser.add_argument(flag, default=",".join(f"{n}:{c}" for n, c in default),
                                     help="name:n_changes,...")
@@ -395,7 +335,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def configs_from(args: argparse.Namespace) -> tuple[WorldConfig, ModelConfig]:
     w = {f.name: getattr(args, f.name) for f in fields(WorldConfig)}
     w["split"] = tuple(w["split"])
-    w["area_range"] = tuple(w["area_range"]) if w["area_range"] else None
     w["settings"] = tuple((n, int(c)) for n, c in (p.split(":") for p in w["settings"].split(",")))
     m = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
     return WorldConfig(**w), ModelConfig(**m)
