@@ -23,7 +23,7 @@ demo: install
 # RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S is a stall detector, not a speed limit: 600 s because a
 # shared, loaded CI box can starve one op for minutes; pytest-timeout still bounds every test
 test: install
-	RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S=600 $(BIN)/python -m pytest -q -ra tests
+	RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S=600 $(BIN)/python -m pytest -q -ra --durations=40 tests
 
 test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
