@@ -37,11 +37,9 @@ def sweep(points: list[float], wc, mc) -> list[dict]:
 
 def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
     """closeness.csv and closeness.png (SSR and PA against closeness, one line per scorer)."""
-    import matplotlib
+    from nearid.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = out / "closeness.csv", out / "closeness.png"
     with csv_path.open("w", newline="") as f:

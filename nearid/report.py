@@ -14,7 +14,9 @@ TABLE_COLUMNS = [("nearid_ssr", "NearID SSR"), ("nearid_pa", "NearID PA"),
 COUNT_COLUMNS = {"rows", "mtg_n", "db_n"}
 
 
-def _plt():
+def pyplot():
+    """`matplotlib.pyplot` on the headless Agg backend: the one matplotlib setup of the project
+    (reports, training curves, generation examples, sweeps and benchmarks all plot through it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,7 +83,7 @@ def to_latex(df: pd.DataFrame) -> str:
 
 def margin_histograms(margins_by_scorer: dict[str, pd.DataFrame]):
     """margins_by_scorer: scorer -> frame (setting, margin). One panel per setting."""
-    plt = _plt()
+    plt = pyplot()
     settings = sorted({s for df in margins_by_scorer.values() for s in df["setting"].unique()})
     fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings), 2.8), squeeze=False)
     for ax, s in zip(axes[0], settings):
@@ -99,7 +101,7 @@ def margin_histograms(margins_by_scorer: dict[str, pd.DataFrame]):
 
 def tier_distributions(tiers_by_scorer: dict[str, dict[str, np.ndarray]]):
     """Three-tier similarity distributions: same identity / distractor / random negative."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tiers_by_scorer), figsize=(3.6 * len(tiers_by_scorer), 2.8),
                              squeeze=False)
     for ax, (name, tiers) in zip(axes[0], tiers_by_scorer.items()):
@@ -115,7 +117,7 @@ def tier_distributions(tiers_by_scorer: dict[str, dict[str, np.ndarray]]):
 
 def ssr_bars(per_setting: pd.DataFrame):
     """per_setting: index setting, one column per scorer (SSR)."""
-    plt = _plt()
+    plt = pyplot()
     ax = per_setting.plot.bar(figsize=(1.2 * len(per_setting) + 3, 3.2))
     ax.set_ylabel("SSR (%)")
     ax.set_xlabel("distractor setting")
@@ -133,7 +135,7 @@ def example_grid(examples: list[tuple], titles=("view", "distractor", "mask")):
     """examples: (label, img_a, img_b, img_c) tuples of PIL images -> a grid figure."""
     if not examples:
         return None
-    plt = _plt()
+    plt = pyplot()
     n = len(examples)
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
     for r, (label, *imgs) in enumerate(examples):
@@ -144,19 +146,5 @@ def example_grid(examples: list[tuple], titles=("view", "distractor", "mask")):
             if r == 0:
                 ax.set_title(titles[c], fontsize=8)
         axes[r][0].set_ylabel(str(label), fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def closeness_plot(df: pd.DataFrame):
-    """df columns: closeness, scorer, ssr, pa -> SSR and PA vs distractor closeness."""
-    plt = _plt()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3))
-    for name, g in df.groupby("scorer"):
-        g = g.sort_values("closeness")
-        a.plot(g["closeness"], g["ssr"], marker="o", label=name)
-        b.plot(g["closeness"], g["pa"], marker="o", label=name)
-    a.set_xlabel("distractor closeness"), a.set_ylabel("SSR (%)"), a.legend(fontsize=7)
-    b.set_xlabel("distractor closeness"), b.set_ylabel("PA (%)")
     fig.tight_layout()
     return fig

@@ -131,8 +131,7 @@ def _log_scorer_runs(tracker, result: dict, name: str, scorer_params: dict) -> N
 
 def _log_plots(storage, tracker, result: dict, base: str) -> None:
     """The report's figures, as PNG files under `<base>/plots/` and on the MLflow run."""
-    import matplotlib.pyplot as plt
-
+    plt = report.pyplot()
     det = result["details"]
     figs = {
         "plots/margin_histograms.png": report.margin_histograms({s: d["margins"] for s, d in det.items()}),

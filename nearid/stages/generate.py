@@ -224,7 +224,7 @@ def validate_generation(storage, settings: list[str], dilation: int, sample: int
 def log_generation(tracker, cfg, storage, summary: dict, check: dict) -> None:
     """One MLflow run for a generation: settings, validation shares and rejection rates as
     `generate/<setting>/...` metrics, row counts as `count.<setting>.*` params, example grid."""
-    from ..report import example_grid
+    from ..report import example_grid, pyplot
 
     with tracker.run(f"{cfg.run.name}-generate", tags={"stage": "generate", "data": storage.root}):
         tracker.log_params({f"generate.{k}": v for k, v in cfg.generate.model_dump(mode="json").items()})
@@ -242,7 +242,5 @@ def log_generation(tracker, cfg, storage, summary: dict, check: dict) -> None:
         tracker.log_params(counts)
         fig = example_grid(check["examples"])
         if fig is not None:
-            import matplotlib.pyplot as plt
-
             tracker.log_figure(fig, "plots/distractor_examples.png")
-            plt.close(fig)
+            pyplot().close(fig)

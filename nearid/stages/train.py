@@ -257,10 +257,9 @@ def _log_curves(tracker, run_id) -> None:
     """Loss and val SSR curves as one figure artifact."""
     if run_id is None:
         return
-    import matplotlib
+    from ..report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def hist(key):
         try:

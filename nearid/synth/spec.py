@@ -156,12 +156,6 @@ class IdentitySpec:
         return cls(category=data["category"], shape=tuple(data["shape"]), color1=data["color1"],
                    color2=data["color2"], pattern=data["pattern"], parts=tuple(data["parts"]))
 
-    def with_parts(self, parts: set[str] | tuple[str, ...]) -> "IdentitySpec":
-        """Copy with another set of parts, put in canonical order."""
-        order = CATEGORY_PARTS[self.category]
-        return IdentitySpec(self.category, self.shape, self.color1, self.color2, self.pattern,
-                            tuple(p for p in order if p in set(parts)))
-
 
 def random_spec(rng: np.random.Generator, categories: tuple[str, ...] = CATEGORIES) -> IdentitySpec:
     """Draw one identity: uniform category/shape/pattern, a contrasting colour pair, parts p=0.5."""

@@ -205,18 +205,6 @@ class SynthWorld:
                        "description": description, "prompt": prompt_for(spec),
                        "image": encode_png(img), "mask": encode_png(mask)}
 
-    def distractor_rows(self, ids: Iterable[str] | None = None, setting: str = "synth",
-                        slot: int = 0) -> Iterator[dict]:
-        """Oracle distractors (the world's own look-alike, one per identity, in every view) in
-        the `distractors` table layout; generator 'synth-oracle', seed = slot."""
-        for id in self._ids(ids):
-            spec = self.distractor_spec(id, slot)
-            for view in range(self.n_views):
-                img, _ = self.render_distractor(id, view, spec)
-                yield {"id": id, "view": view, "setting": setting, "split": self.split_of(id),
-                       "image": encode_png(img), "prompt": prompt_for(spec),
-                       "generator": "synth-oracle", "seed": int(slot), "status": "ok"}
-
     def mtg_rows(self, ids: Iterable[str] | None = None) -> Iterator[dict]:
         """MTG-style rows: views 0 and 1, and the same views with one part region recoloured in
         place; oracle_k = 1 - part_area_k / object_area_k (pixel counts in view k)."""
