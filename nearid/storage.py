@@ -50,22 +50,35 @@ class DuplicateKeys(StorageError):
         self.table = table
 
 
-def _s3_filesystem(endpoint_url=None, region=None, key=None, secret=None):
-    import s3fs
-
-    kwargs = {}
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint_url:
-        kwargs["endpoint_url"] = endpoint_url
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+def s3_options(storage_options: dict | None = None) -> dict:
+    """s3fs keyword arguments from `storage_options` (s3fs's own: `endpoint_url`, `key`, `secret`,
+    `client_kwargs`, ...; plus `region`): the endpoint defaults to AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL and the region to AWS_REGION / AWS_DEFAULT_REGION."""
+    opts = dict(storage_options or {})
+    endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["endpoint_url"] = endpoint
+    region = opts.pop("region", None) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if region:
-        kwargs["client_kwargs"] = {"region_name": region}
-    if key and secret:
-        kwargs["key"], kwargs["secret"] = key, secret
+        opts["client_kwargs"] = {**(opts.get("client_kwargs") or {}), "region_name": region}
     # Retry briefly so a dead endpoint fails fast with a clear message instead of hanging.
-    kwargs["config_kwargs"] = {"connect_timeout": 5, "read_timeout": 30,
-                               "retries": {"max_attempts": 2, "mode": "standard"}}
-    return s3fs.S3FileSystem(**kwargs), endpoint_url
+    opts.setdefault("config_kwargs", {"connect_timeout": 5, "read_timeout": 30,
+                                      "retries": {"max_attempts": 2, "mode": "standard"}})
+    return opts
+
+
+def s3_filesystem(storage_options: dict | None = None):
+    """The one S3 client builder (storage roots, importer sources, model and pipeline dirs): an
+    s3fs filesystem with `s3_options(storage_options)`; `arrow_s3_filesystem` wraps it for pyarrow."""
+    import s3fs  # imported lazily: only S3 users pay for it
+
+    return s3fs.S3FileSystem(**s3_options(storage_options))
+
+
+def arrow_s3_filesystem(storage_options: dict | None = None) -> pafs.FileSystem:
+    """`s3_filesystem` as a pyarrow filesystem (what pyarrow datasets and Ray Data read through)."""
+    return pafs.PyFileSystem(pafs.FSSpecHandler(s3_filesystem(storage_options)))
 
 
 def download_s3_dir(url: str, storage_options: dict | None = None, cache_dir=None):
@@ -77,9 +90,7 @@ def download_s3_dir(url: str, storage_options: dict | None = None, cache_dir=Non
     """
     from pathlib import Path
 
-    import s3fs  # imported lazily: only S3 users pay for it
-
-    fs = s3fs.S3FileSystem(**(storage_options or {}))
+    fs = s3_filesystem(storage_options)
     remote_root = url.removeprefix("s3://").rstrip("/")
     root = Path(cache_dir or os.environ.get("NEARID_CACHE", Path.home() / ".cache" / "nearid"))
     local_root = root / "s3" / remote_root
@@ -113,12 +124,12 @@ class Storage:
         root = str(root).rstrip("/")
         if root.startswith("s3://"):
             cfg = storage_cfg
-            key = cfg.access_key_id.get_secret_value() if cfg and cfg.access_key_id else None
-            secret = cfg.secret_access_key.get_secret_value() if cfg and cfg.secret_access_key else None
-            s3, endpoint = _s3_filesystem(cfg.endpoint_url if cfg else None,
-                                          cfg.region if cfg else None, key, secret)
-            fs = pafs.PyFileSystem(pafs.FSSpecHandler(s3))
-            return cls(root, fs, root[len("s3://"):], endpoint)
+            opts = {"endpoint_url": cfg.endpoint_url if cfg else None, "region": cfg.region if cfg else None}
+            if cfg and cfg.access_key_id and cfg.secret_access_key:
+                opts["key"] = cfg.access_key_id.get_secret_value()
+                opts["secret"] = cfg.secret_access_key.get_secret_value()
+            return cls(root, arrow_s3_filesystem(opts), root[len("s3://"):],
+                       s3_options(opts).get("endpoint_url"))
         if "://" in root and not root.startswith("file://"):
             raise StorageError(f"unsupported storage root '{root}': use a local path or s3://bucket/prefix")
         path = os.path.abspath(root.removeprefix("file://"))

@@ -88,12 +88,10 @@ def resolve_model_path(model: str, storage_options: dict | None = None, cache_di
     pipeline dirs copied once into the shared cache (`nearid.storage.download_s3_dir`)."""
     if not model.startswith("s3://"):
         return model
-    import s3fs
-
-    from ..storage import download_s3_dir
+    from ..storage import download_s3_dir, s3_filesystem
 
     remote = model[len("s3://"):].rstrip("/")
-    if not s3fs.S3FileSystem(**(storage_options or {})).exists(remote + "/model_index.json"):
+    if not s3_filesystem(storage_options).exists(remote + "/model_index.json"):
         raise ValueError(f"model {model!r}: no model_index.json there (not a diffusers pipeline directory)")
     return str(download_s3_dir(model, storage_options, cache_dir))
 

@@ -55,25 +55,13 @@ class ShardInfo:
     stream: StreamInfo | None = None
 
 
-def s3_filesystem(storage_options: dict | None) -> pafs.FileSystem:
-    import s3fs
-
-    opts = dict(storage_options or {})
-    endpoint = opts.pop("endpoint_url", None) or os.environ.get("AWS_ENDPOINT_URL_S3") \
-        or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["endpoint_url"] = endpoint
-    region = opts.pop("region", None)
-    if region:
-        opts.setdefault("client_kwargs", {})["region_name"] = region
-    return pafs.PyFileSystem(pafs.FSSpecHandler(s3fs.S3FileSystem(**opts)))
-
-
 def filesystem_for(item: str, storage_options: dict | None, _cache: dict | None = None):
     """(pyarrow filesystem, path inside it, URI prefix for messages) of a local path or s3:// URI."""
     item = str(item)
     if item.startswith("s3://"):
-        fs = (_cache or {}).get("s3") or s3_filesystem(storage_options)
+        from ..storage import arrow_s3_filesystem
+
+        fs = (_cache or {}).get("s3") or arrow_s3_filesystem(storage_options)
         if _cache is not None:
             _cache["s3"] = fs
         return fs, item[len("s3://"):].rstrip("/"), "s3://"
