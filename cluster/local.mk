@@ -5,7 +5,7 @@
 #   make cluster-down     stop exactly the processes cluster-up started (never `ray stop`)
 #   make cluster-status   the stack's state and its live pids
 STACK_CONFIG ?= cluster/local-stack.yaml
-STACK := $(BIN)/python -m nearid.cluster --config $(STACK_CONFIG)
+STACK := $(BIN)/python -m cluster.local --config $(STACK_CONFIG)
 
 .PHONY: cluster-up cluster-down cluster-status submit-demo
 

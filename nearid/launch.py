@@ -9,7 +9,7 @@ import os
 import sys
 
 from .checks import check_config, check_scorers
-from .cluster import EndpointError, check_endpoints
+from .preflight import EndpointError, check_endpoints
 from .config import ConfigError, add_config_args, dump_yaml, load_config
 from .storage import DuplicateKeys, Storage, StorageError, TableCorrupt
 

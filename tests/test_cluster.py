@@ -24,8 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nearid.cluster import (EndpointError, StackError, check_ray_address, check_tracking_uri,
-                            free_port, load_stack_config, pipeline_args, stack_commands)
+from cluster.local import pipeline_args
+from cluster.stack import StackError, free_port, load_stack_config, stack_commands
+from nearid.preflight import EndpointError, check_ray_address, check_tracking_uri
 from nearid.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +210,7 @@ def test_local_mk_targets_use_the_venv():
     out = subprocess.run(["make", "-n", "-s", "cluster-down", "cluster-status"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0, out.stderr
-    assert ".venv/bin/python -m nearid.cluster --config cluster/local-stack.yaml down" in out.stdout
+    assert ".venv/bin/python -m cluster.local --config cluster/local-stack.yaml down" in out.stdout
     assert "ray stop" not in out.stdout
 
 
@@ -279,7 +280,7 @@ SMALL = [*TINY, *SMALL]
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    from nearid.cluster import start_stack, stop_stack
+    from cluster.stack import start_stack, stop_stack
 
     state_dir = tmp_path_factory.mktemp("stack")
     ports0 = [f"{k}=0" for k in ("ray.gcs_port", "ray.dashboard_port", "ray.client_server_port",
@@ -319,7 +320,8 @@ def test_pipeline_job_on_the_local_stack_writes_s3_and_tracks_in_mlflow(stack, m
     from mlflow import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from nearid.cluster import auth_headers, client_env, job_runtime_env
+    from cluster.local import job_runtime_env
+    from cluster.stack import auth_headers, client_env
 
     cfg, state = stack
     for k, v in client_env(state).items():
@@ -378,7 +380,7 @@ def test_pipeline_job_on_the_local_stack_writes_s3_and_tracks_in_mlflow(stack, m
 def test_stack_down_stops_exactly_its_processes(stack):
     import psutil
 
-    from nearid.cluster import stack_processes, stop_stack
+    from cluster.stack import stack_processes, stop_stack
 
     _, state = stack
     before = {p.pid for p in stack_processes(state)}

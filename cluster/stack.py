@@ -1,18 +1,12 @@
-"""The cluster path on one machine: a Ray head, an MLflow server and an S3 server on 127.0.0.1.
+"""The local dev stack on one machine: a Ray head, an MLflow server and an S3 server on 127.0.0.1.
 
-    python -m nearid.cluster up            # start all three, wait until each answers
-    python -m nearid.cluster submit-demo   # `ray job submit` the pipeline: data on s3://, MLflow server
-    python -m nearid.cluster down          # stop exactly the processes `up` started
-
-`up` writes `<state_dir>/stack.json` (pids, ports, URLs). `down` never runs `ray stop` (that kills
-every Ray runtime on the machine): it stops the process trees it started, plus any process that
-inherited this stack's id (`NEARID_STACK_ID`), and checks that they are gone.
-
-Also the fail-fast endpoint probes every job runs before it starts (`check_endpoints`).
+`start_stack` writes `<state_dir>/stack.json` (pids, ports, URLs). `stop_stack` never runs
+`ray stop` (that kills every Ray runtime on the machine): it stops the process trees it started,
+plus any process that inherited this stack's id (`NEARID_STACK_ID`), and checks that they are
+gone. The command line and the jobs submitted to the stack: `cluster/local.py`.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
@@ -26,29 +20,16 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 STACK_FILE = "stack.json"
 STACK_ID_ENV = "NEARID_STACK_ID"
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RUNTIME_ENV_FILE = REPO_ROOT / "cluster" / "runtime_env.yaml"
-
-
-def working_dir_excludes() -> list[str]:
-    """What `--working-dir .` never uploads (the venv, run outputs, .git): cluster/runtime_env.yaml."""
-    return list(yaml.safe_load(RUNTIME_ENV_FILE.read_text())["excludes"])
 
 
 class StackError(RuntimeError):
     """The local stack cannot be started, reached or stopped; the message says which part and why."""
-
-
-class EndpointError(RuntimeError):
-    """A configured endpoint (Ray address, MLflow server) does not answer."""
-
 
 # ---- configuration -------------------------------------------------------------------------------
 class _Strict(BaseModel):
@@ -165,7 +146,7 @@ def _resolve_ports(cfg: StackConfig) -> dict[str, int]:
     return ports
 
 
-def _bin(name: str) -> str:
+def venv_bin(name: str) -> str:
     """A console script of the running interpreter's environment (the venv), else PATH."""
     here = Path(sys.executable).parent / name
     return str(here) if here.exists() else name
@@ -236,13 +217,13 @@ def stack_commands(cfg: StackConfig, state_dir: Path, ports: dict[str, int],
     """name -> (command, extra env) of each server; every one binds `cfg.host` (127.0.0.1)."""
     host = cfg.host
     return {
-        "s3": ([_bin("moto_server"), "-H", host, "-p", str(ports["s3"])], {}),
-        "mlflow": ([_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state_dir}/mlflow.db",
+        "s3": ([venv_bin("moto_server"), "-H", host, "-p", str(ports["s3"])], {}),
+        "mlflow": ([venv_bin("mlflow"), "server", "--backend-store-uri", f"sqlite:///{state_dir}/mlflow.db",
                     "--host", host, "--port", str(ports["mlflow"]), "--workers", "1",
                     "--serve-artifacts", "--artifacts-destination", str(state_dir / "mlartifacts")],
                    {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}),
         # --block keeps `ray start` as the parent of every Ray process, so `down` finds them all.
-        "ray": ([_bin("ray"), "start", "--head", "--block", f"--node-ip-address={host}",
+        "ray": ([venv_bin("ray"), "start", "--head", "--block", f"--node-ip-address={host}",
                  f"--dashboard-host={host}", f"--port={ports['gcs']}",
                  f"--dashboard-port={ports['dashboard']}",
                  f"--ray-client-server-port={ports['client_server']}",
@@ -420,7 +401,7 @@ def stop_stack(state_dir: str | os.PathLike, grace_s: float = 8.0) -> list[int]:
     return sorted({p.pid for p in procs + late})
 
 
-# ---- jobs against the stack -------------------------------------------------------------------------
+# ---- talking to the stack's token-auth Ray head --------------------------------------------------
 def auth_headers(state: dict[str, Any]) -> dict[str, str]:
     """The HTTP header for Ray's token auth (job API, dashboard)."""
     token = Path(state["ray_auth_token_path"]).read_text().strip()
@@ -430,132 +411,3 @@ def auth_headers(state: dict[str, Any]) -> dict[str, str]:
 def client_env(state: dict[str, Any]) -> dict[str, str]:
     """Environment for `ray job ...` / JobSubmissionClient against this stack's token-auth head."""
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state["ray_auth_token_path"]}
-
-
-def job_runtime_env(cfg: StackConfig, working_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The runtime env of a job on this stack: moto credentials and the demo env vars; with
-    `working_dir`, the repo upload (minus the venv, run outputs and .git)."""
-    env = {"AWS_ACCESS_KEY_ID": cfg.s3.access_key_id, "AWS_SECRET_ACCESS_KEY": cfg.s3.secret_access_key,
-           "AWS_DEFAULT_REGION": cfg.s3.region, **cfg.demo.env_vars}
-    rt: dict[str, Any] = {"env_vars": env, "excludes": working_dir_excludes()}
-    if working_dir is not None:
-        rt["working_dir"] = str(working_dir)
-    return rt
-
-
-def pipeline_args(cfg: StackConfig, state: dict[str, Any], prefix: str | None = None,
-                  overrides: list[str] | None = None) -> list[str]:
-    """`python -m jobs.pipeline ...` pointed at the stack: run.root on its S3, tracking on its MLflow."""
-    root = f"s3://{state['s3']['bucket']}/{prefix or cfg.demo.prefix}"
-    sets = [f"run.root={root}", f"storage.endpoint_url={state['urls']['s3']}",
-            f"storage.region={state['s3']['region']}", f"tracking.uri={state['urls']['mlflow']}",
-            "ray.address=auto", *cfg.demo.overrides, *(overrides or [])]
-    argv = ["python", "-m", "jobs.pipeline", "--config", cfg.demo.config]
-    for s in sets:
-        argv += ["--set", s]
-    return argv
-
-
-def submit_demo(cfg: StackConfig, state: dict[str, Any], cwd: str | os.PathLike = ".") -> int:
-    """`ray job submit` the demo pipeline through the CLI, follow its logs; returns the exit code."""
-    rt = job_runtime_env(cfg)
-    masked = {**rt, "env_vars": {k: "***" if "SECRET" in k else v for k, v in rt["env_vars"].items()}}
-
-    def command(runtime_env: dict) -> list[str]:
-        return [_bin("ray"), "job", "submit", "--address", state["urls"]["dashboard"],
-                "--working-dir", ".", "--runtime-env-json", json.dumps(runtime_env), "--",
-                *pipeline_args(cfg, state)]
-
-    print("$ RAY_AUTH_MODE=token", shlex.join(command(masked)), flush=True)
-    cmd = command(rt)
-    return subprocess.call(cmd, cwd=cwd, env={**os.environ, **client_env(state)})
-
-
-# ---- fail-fast endpoint probes (used by every job before it starts) ----------------------------------
-def _host_port(address: str) -> tuple[str, int] | None:
-    parts = urlsplit(address if "://" in address else f"tcp://{address}")
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    return (parts.hostname, port) if parts.hostname and port else None
-
-
-def check_ray_address(address: str | None, timeout: float = 5.0) -> None:
-    """Raise EndpointError if a Ray address (`host:port`, `ray://host:port`, or `auto` with
-    RAY_ADDRESS set) does not accept connections; `ray.init` would otherwise retry for minutes."""
-    if not address or address == "local":
-        return
-    if address == "auto":
-        address = os.environ.get("RAY_ADDRESS", "")
-        if not address or address == "auto":
-            return
-    hp = _host_port(address)
-    if hp is None:
-        raise EndpointError(f"ray.address {address!r} is not host:port, ray://host:port or auto")
-    try:
-        socket.create_connection(hp, timeout=timeout).close()
-    except OSError as e:
-        raise EndpointError(
-            f"cannot reach the Ray cluster at ray.address={address} ({hp[0]}:{hp[1]}): {e}. Check that "
-            "the head runs and the GCS port is right (`ray status --address host:port`); inside "
-            "`ray job submit` use ray.address=auto.") from None
-
-
-def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
-    """Raise EndpointError if an http(s) MLflow tracking server does not answer at all."""
-    if not uri or not uri.startswith(("http://", "https://")):
-        return
-    try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return   # it answered (maybe 401/404 behind a proxy): the server is there
-    except (OSError, urllib.error.URLError) as e:
-        reason = getattr(e, "reason", e)
-        raise EndpointError(
-            f"cannot reach the MLflow tracking server at tracking.uri={uri}: {reason}. Start it "
-            "(`mlflow server --host ... --port ...`), fix tracking.uri, or set "
-            "tracking.enabled=false to run without tracking.") from None
-
-
-def check_endpoints(cfg, timeout: float = 5.0) -> None:
-    """Probe the Ray address and the MLflow server of a job config before any work starts."""
-    check_ray_address(cfg.ray.address, timeout)
-    if cfg.tracking.enabled:
-        check_tracking_uri(cfg.tracking.uri, timeout)
-
-
-# ---- CLI ----------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["up", "down", "status", "submit-demo"])
-    parser.add_argument("--config", default="cluster/local-stack.yaml", help="stack config YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.FIELD=VALUE", help="override a stack config value (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_stack_config(args.config, args.overrides)
-        if args.action == "up":
-            state = start_stack(cfg)
-            u = state["urls"]
-            print(f"stack up in {state['startup_s']}s (state: {state['state_dir']}/{STACK_FILE})\n"
-                  f"  Ray dashboard / job API: {u['dashboard']}  (RAY_AUTH_MODE=token "
-                  f"RAY_AUTH_TOKEN_PATH={state['ray_auth_token_path']})\n"
-                  f"  MLflow: {u['mlflow']}\n  S3 (moto): {u['s3']}  bucket s3://{cfg.s3.bucket}")
-        elif args.action == "down":
-            pids = stop_stack(cfg.state_dir)
-            print(f"stopped {len(pids)} processes: {pids}")
-        elif args.action == "status":
-            state = read_state(cfg.state_dir)
-            alive = [p.pid for p in stack_processes(state)]
-            print(json.dumps({**state, "alive_pids": alive}, indent=2))
-        else:
-            return submit_demo(cfg, read_state(cfg.state_dir))
-    except StackError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
