@@ -29,10 +29,10 @@ test-fast: install
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 bench: install
-	$(BIN)/python bench/bench_metrics.py
-	$(BIN)/python bench/bench_map_head.py
-	$(BIN)/python bench/bench_extract.py
-	$(BIN)/python bench/bench_train_step.py
+	$(BIN)/python -m bench.bench_metrics
+	$(BIN)/python -m bench.bench_map_head
+	$(BIN)/python -m bench.bench_extract
+	$(BIN)/python -m bench.bench_train_step
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,7 @@
 """Feature extraction: the Ray Data job vs a bare single-process torch loop, same images, same
 model, same batch size, same torch threads. Prints images/s of both and the ratio.
 
-    .venv/bin/python bench/bench_extract.py [--images 1536] [--batch 128] [--actors 1 2]
+    .venv/bin/python -m bench.bench_extract [--images 1536] [--batch 128] [--actors 1 2]
 """
 from __future__ import annotations
 

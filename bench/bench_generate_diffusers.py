@@ -5,7 +5,7 @@ anywhere; `--kind/--model/--resolution/--steps` point it at a real checkpoint on
 The two modes alternate over several rounds and the median per mode is reported, so
 machine noise hits both alike.
 
-    python bench/bench_generate_diffusers.py [--images 32] [--batch 8] [--rounds 3]
+    python -m bench.bench_generate_diffusers [--images 32] [--batch 8] [--rounds 3]
 """
 
 from __future__ import annotations

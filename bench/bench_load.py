@@ -1,7 +1,7 @@
 """Load: a 20,000-image extraction and a 3,000-distractor generation on the embedded default,
 on this machine's cores, with peak RSS (driver + every Ray process it started) and throughput.
 
-    .venv/bin/python bench/bench_load.py [--images 20000] [--distractors 3000]
+    .venv/bin/python -m bench.bench_load [--images 20000] [--distractors 3000]
 """
 from __future__ import annotations
 

@@ -3,8 +3,8 @@
 Both paths run the same head on the same tokens, interleaved (fast, standard, fast, ...) so
 machine noise hits both alike; the median of the repeats is reported with the ratio.
 
-    python bench/bench_map_head.py                 # so400m dims (T=729, D=1152) and tiny dims
-    python bench/bench_map_head.py --repeats 5 --batch 32 --threads 1
+    python -m bench.bench_map_head                 # so400m dims (T=729, D=1152) and tiny dims
+    python -m bench.bench_map_head --repeats 5 --batch 32 --threads 1
 """
 from __future__ import annotations
 

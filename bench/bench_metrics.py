@@ -1,6 +1,6 @@
 """Times the vectorised metrics at paper scale; prints seconds and rows/s (no pass/fail thresholds).
 
-    python bench/bench_metrics.py [--rows 316000] [--ids 500] [--dim 1152] [--repeats 5]
+    python -m bench.bench_metrics [--rows 316000] [--ids 500] [--dim 1152] [--repeats 5]
 
 - nearid_table over `--rows` random sims rows spread over the 7 pooled settings + fluxc (held apart),
   10% of them with only two views, as in the full distractor set (316,505 images).

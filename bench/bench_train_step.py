@@ -1,7 +1,7 @@
 """One training step with cached tokens vs backbone-in-the-loop: same head, same loss, same batch,
 at the real SigLIP2 so400m dims (random weights: T=729, D=1152). Prints seconds and the ratio.
 
-    .venv/bin/python bench/bench_train_step.py [--items 2] [--backbone so400m-random]
+    .venv/bin/python -m bench.bench_train_step [--items 2] [--backbone so400m-random]
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Sweep the synthetic world's distractor closeness dial and chart where identity discrimination
 breaks: SSR and PA on held-out identities for the frozen readouts (map, mean) and the trained head.
 
-    python bench/closeness_sweep.py --points 0,0.25,0.5,0.75,1 [--out runs/closeness] [world_study flags]
+    python -m bench.closeness_sweep --points 0,0.25,0.5,0.75,1 [--out runs/closeness] [world_study flags]
 
 Every point renders its own world (cached under /tmp/nearid_world_cache), extracts frozen tokens,
 trains a head with the given recipe and scores the test split. Writes closeness.csv and
@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from world_study import add_flags, configs_from, run_study  # noqa: E402
+from bench.world_study import add_flags, configs_from, run_study
 
 SCORERS = ("map", "mean", "head")
 

@@ -1,7 +1,7 @@
 """One-shot GPU check: what this project does on one H100/H200, in under 8 minutes, no downloads.
 
-    .venv/bin/python bench/gpu_check.py                 # on a machine with one NVIDIA GPU
-    .venv/bin/python bench/gpu_check.py --smoke         # tiny dims on CPU: checks the script runs
+    .venv/bin/python -m bench.gpu_check                 # on a machine with one NVIDIA GPU
+    .venv/bin/python -m bench.gpu_check --smoke         # tiny dims on CPU: checks the script runs
 
 Random weights at the real dims (SigLIP2 so400m@384: 27 layers, 1152 wide, 729 tokens; an
 SDXL-size inpainting UNet). Measures, side by side in one run:
@@ -222,7 +222,6 @@ def main(argv=None) -> int:
     if device == "cpu" and not args.smoke:
         print("error: no CUDA device; run with --smoke to check the script on CPU", file=sys.stderr)
         return 2
-    sys.path.insert(0, str(REPO))
     res: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "smoke": args.smoke,
                  "torch": torch.__version__}
     for name in args.only:

@@ -1,29 +1,24 @@
-"""Loss ablation on the synthetic world (issue 11, item 3): tier-1 only (NearID alpha 0) vs NearID
-alpha 0.5 and 0.1 vs plain InfoNCE without distractors in the softmax, on one rendered world and
-one set of frozen tokens. Reports test SSR/PA and M-H on the world's graded pairs
+"""Loss ablation on the synthetic world (docs/world_study.md, "Loss ablation"): tier-1 only
+(NearID alpha 0) vs NearID alpha 0.5 and 0.1 vs plain InfoNCE without distractors in the softmax,
+on one rendered world and one set of frozen tokens. Reports test SSR/PA and M-H on the world's graded pairs
 (`SynthWorld.graded_rows`, score = 100 * cos(reference, generated), `metrics.mh_score`).
 
-    python bench/loss_ablation_world.py [--n-graded 150] [world_study flags]
+    python -m bench.loss_ablation_world [--n-graded 150] [world_study flags]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from world_study import (add_flags, configs_from, embed, extract, render_world, scores,  # noqa: E402
-                         train_head)
-from nearid.images import decode_image  # noqa: E402
-from nearid.metrics import mh_score  # noqa: E402
-from nearid.synth import SynthWorld  # noqa: E402
-from nearid.training.items import N_VIEWS  # noqa: E402
+from bench.world_study import add_flags, configs_from, embed, extract, render_world, scores, train_head
+from nearid.images import decode_image
+from nearid.metrics import mh_score
+from nearid.synth import SynthWorld
+from nearid.training.items import N_VIEWS
 
 VARIANTS: dict[str, dict] = {
     "tier-1 only (alpha 0)": dict(loss="nearid", alpha=0.0),

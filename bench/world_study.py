@@ -1,7 +1,7 @@
 """In-process study of the synthetic NearID world: render -> distractors -> frozen tokens -> trained
-MAP head -> held-out SSR/PA, with a CLI flag for every lever (issue 11). No Ray, no storage.
+MAP head -> held-out SSR/PA, with a CLI flag for every lever (docs/world_study.md). No Ray, no storage.
 
-    python bench/world_study.py [--n-identities 600] [--resolution 64] [--patch 4] [--layers 0] ...
+    python -m bench.world_study [--n-identities 600] [--resolution 64] [--patch 4] [--layers 0] ...
 
 It mirrors the production path so that findings transfer: positives from `SynthWorld`, the
 distractors of the default settings (flux: 1 change, sdxl: 2, powerpaint: 1) from the procedural
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -24,21 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nearid.backbone import load_backbone  # noqa: E402
-from nearid.generate.masks import composite, dilate_mask  # noqa: E402
-from nearid.generate.procedural import ProceduralBackend  # noqa: E402
-from nearid.generate.prompts import near_identity_prompt  # noqa: E402
-from nearid.head import MAPHead  # noqa: E402
-from nearid.losses import build_loss  # noqa: E402
-from nearid.metrics import nearid_scores  # noqa: E402
-from nearid.stages.generate import row_seed  # noqa: E402
-from nearid.synth import SynthWorld  # noqa: E402
-from nearid.synth.grammar import describe, parse  # noqa: E402
-from nearid.synth.variation import changed_attributes  # noqa: E402
-from nearid.training.items import N_VIEWS, draw_batch  # noqa: E402
-from nearid.training.validate import item_sims  # noqa: E402
+from nearid.backbone import load_backbone
+from nearid.generate.masks import composite, dilate_mask
+from nearid.generate.procedural import ProceduralBackend
+from nearid.generate.prompts import near_identity_prompt
+from nearid.head import MAPHead
+from nearid.losses import build_loss
+from nearid.metrics import nearid_scores
+from nearid.stages.generate import row_seed
+from nearid.synth import SynthWorld
+from nearid.synth.grammar import describe, parse
+from nearid.synth.variation import changed_attributes
+from nearid.training.items import N_VIEWS, draw_batch
+from nearid.training.validate import item_sims
 
 DEFAULT_SETTINGS = (("flux", 1), ("sdxl", 2), ("powerpaint", 1))
 CACHE_DIR = Path("/tmp/nearid_world_cache")

@@ -1,7 +1,8 @@
 """NearID evaluation metrics: SSR/PA on `sims` tables, MTG part-level scores, DreamBench++ M-H.
 
 Everything is vectorised over NumPy columns (no Python loop over rows), so pooling hundreds of
-thousands of evaluation rows takes well under a second. Definitions follow REFERENCE.md "Metrics".
+thousands of evaluation rows takes well under a second. Definitions follow the NearID paper's
+evaluation protocol (arXiv 2604.01973: SSR/PA, MTG M-O, DreamBench++ M-H; README "Metrics").
 
 Exclusion rule (never silent): a `sims` row contributes only its *terms*, a term being a pair i<j
 with `sim_ij` present and an `a in {i, j}` with `cross_aa` present. A row with zero terms (fewer

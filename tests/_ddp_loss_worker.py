@@ -1,4 +1,4 @@
-"""One rank of the 2-process gloo test in test_losses.py (spawned; must be importable by name)."""
+"""One rank of the 2-process gloo test in test_losses.py (spawned; imported as `tests._ddp_loss_worker`)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -9,7 +9,7 @@ def test_local_and_paper_configs_load():
     assert local.extract.backbone.name == "tiny-random"
     assert paper.extract.backbone.name == "google/siglip2-so400m-patch14-384"
     assert paper.run.root.startswith("s3://")
-    # the paper recipe (REFERENCE.md) is the default of the training config
+    # the NearID paper's training recipe (arXiv 2604.01973) is the default of the training config
     assert (paper.train.lr, paper.train.weight_decay, paper.train.warmup_steps, paper.train.epochs,
             paper.train.batch_size, paper.train.grad_clip) == (1e-4, 1e-4, 100, 11, 128, 1.0)
 

@@ -353,7 +353,7 @@ def test_batch_scoring_job_and_cli(pipeline_run, tmp_path, ray_local, capsys):
     assert "| nearid |" in capsys.readouterr().out
 
 
-# ---- the training recipe (issue 16) -------------------------------------------------------------
+# ---- the training recipe (README "Training as the paper trains") --------------------------------
 def test_items_hold_each_mtg_copy_once_and_none_with_mtg_repeat_zero(pipeline_run, ray_local):
     from nearid.stages.train import build_items, train_settings
 

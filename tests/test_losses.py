@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -487,10 +485,7 @@ def test_two_gloo_ranks_match_the_single_process_loss_and_gradients(tmp_path, mo
     # (or one with several interfaces) can make abort the rendezvous
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
 
-    here = str(Path(__file__).parent)
-    if here not in sys.path:  # spawned children import the worker by module name
-        sys.path.insert(0, here)
-    from _ddp_loss_worker import run_rank
+    from tests._ddp_loss_worker import run_rank  # spawned children import it by this name
 
     world = 2
     a, p, n = random_batch(9, b=6, p=2, k=3, d=8)

@@ -1,4 +1,4 @@
-"""Reduced-scale regression test of the synthetic world + tiny backbone + trained head (issue 11).
+"""Reduced-scale regression test of the synthetic world + tiny backbone + trained head.
 
 Bounds calibrated on this configuration (bench/world_study.py, docs/world_study.md): the frozen
 readouts must stay fooled by same-background distractors, and the trained head must keep its
@@ -8,21 +8,16 @@ this test fails.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-
-from world_study import ModelConfig, WorldConfig, run_study  # noqa: E402
+from bench.world_study import ModelConfig, WorldConfig, run_study
 
 WORLD = WorldConfig(n_identities=240, resolution=64, split=(0.5, 0.0, 0.5))
 # the embedded default's backbone: 4-px patches, one per-token MLP layer (token_mixing off)
 MODEL = ModelConfig(patch_size=4, layers=1, heads=8, intermediate=256, token_mixing=False, lr=3e-3,
                     epochs=40, batch_size=32, threads=2)
 
-FROZEN_SSR_MAX = 10.0     # issue 11: frozen readouts at or below 10 SSR
+FROZEN_SSR_MAX = 10.0     # docs/world_study.md: frozen readouts at or below 10 SSR
 # Measured with train seeds 0 / 1 (120 train / 120 test identities): frozen SSR 0 / 0, PA map
 # 1.1, mean 0.8; head test SSR 5.8 / 6.9, head test PA 39.4 / 39.5, head train SSR 11.9 / 13.6.
 FROZEN_PA_MAX = 8.0

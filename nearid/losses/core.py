@@ -1,7 +1,8 @@
 """The shared machinery of every loss (inputs, masks, the gathered pool) plus NearID and InfoNCE.
 
 See the package docstring (nearid/losses/__init__.py) for the calling convention, the masking
-rule and the pool. Definitions follow shared/REFERENCE.md "Loss": s(x, y) = x.y / tau,
+rule and the pool. Definitions follow the NearID paper's loss (arXiv 2604.01973: discrimination
+term + ranking regularizer), s(x, y) = x.y / tau,
 - discrimination: for each positive slot q, cross-entropy of [s(a_b, pool) || s(a_b, n_b)] with
   target a_b's own p_{b,q}; mean over valid b, then over slots q that have a valid b;
 - ranking: softplus(LSE_b - s(a_b, n_{b,k})) with LSE_b over the pool minus a_b's own

@@ -1,5 +1,6 @@
 """Training items: one row per identity holding every view of every source, and the per-epoch
-draw of anchor / positives / distractors from it (REFERENCE.md "Training recipe").
+draw of anchor / positives / distractors from it (the NearID paper's training recipe, arXiv
+2604.01973; README "Training as the paper trains").
 
 Slot layout of an item: index = source_index * V + view, sources = ["positive", *settings, "mtg"].
 An identity's distractor for view k sits in view k's background, so distractor slot k is

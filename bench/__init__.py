@@ -1,0 +1,1 @@
+"""Benchmarks and studies; run each from the repository root as `python -m bench.<name>`."""
