@@ -8,7 +8,8 @@ runtime env, see `raytools.RUNTIME_ENV_KEYS`):
 - `tune:kill_driver_after_trials:<n>`: the sweep driver exits (137) once n trials are recorded as
   finished in the intact saved experiment state (what a restore will see).
 The worker-kill hook of the Ray Train failure test is armed by the loop config instead
-(`fault_kill_step`, `fault_marker`).
+(`fault_kill_step`, `fault_marker`), and so is the pause of the tracking-server test
+(`fault_pause_steps`, `fault_pause_dir`).
 
 Each hook waits for a condition (a registered checkpoint, a recorded trial), never for a fixed
 time, so a loaded machine makes them slower, not wrong.
@@ -94,6 +95,17 @@ def train_kill_worker(config: dict, step: int, rank: int, world: int, last_repor
     if last_reported_step > 0:
         wait_until(lambda: registered_checkpoint_step() >= last_reported_step)
     os._exit(1)
+
+
+def train_pause_at_step(config: dict, step: int, rank: int) -> None:
+    """`fault_pause_steps` [s, ...] + `fault_pause_dir` D: rank 0 writes D/reached-<s> at step s and
+    waits until the test writes D/go-<s> (it stops or restarts a server in between)."""
+    steps, d = config.get("fault_pause_steps") or (), config.get("fault_pause_dir")
+    if rank != 0 or not d or step not in steps:
+        return
+    Path(d, f"reached-{step}").write_text(str(os.getpid()))
+    if not wait_until(lambda: Path(d, f"go-{step}").exists()):
+        log.warning("NEARID_FAULT: no go-%d in %s; going on", step, d)
 
 
 def tune_kill_after_trials(state: dict, marker: Path) -> None:

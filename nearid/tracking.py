@@ -165,6 +165,11 @@ class Tracker:
         self.parent_run_id = parent_run_id
         self.run_id: str | None = None
         self.lost = 0
+        # metric points whose send failed wait here and go out with the next batch or at flush(),
+        # so a tracking server restarted mid-run ends up with every point; what never goes out is
+        # counted in lost_points (and reported) instead of vanishing
+        self._outbox: list = []
+        self.lost_points = 0
         self._client = None
         self._experiment_id: str | None = None
 
@@ -203,20 +208,26 @@ class Tracker:
         return self._tries(what, self.retries, fn, *args, **kwargs)
 
     def _tries(self, what: str, retries: int, fn, *args, **kwargs):
+        ok, out = self._attempt(what, retries, fn, *args, **kwargs)
+        if not ok:
+            self.lost += 1
+            log.warning("MLflow %s lost after %d tries (%s)", what, retries + 1, out)
+        return out if ok else None
+
+    def _attempt(self, what: str, retries: int, fn, *args, **kwargs) -> tuple[bool, Any]:
+        """(True, result) or (False, the last error as text); never raises."""
         if not self.enabled:
-            return None
+            return True, None
         delay = 0.5
         for attempt in range(retries + 1):
             try:
-                return fn(*args, **kwargs)
+                return True, fn(*args, **kwargs)
             except Exception as e:  # noqa: BLE001 - tracking must never take the job down
                 if attempt == retries:
-                    self.lost += 1
-                    log.warning("MLflow %s lost after %d tries (%s: %s)", what, attempt + 1,
-                                type(e).__name__, str(e)[:200])
-                    return None
+                    return False, f"{type(e).__name__}: {str(e)[:200]}"
                 time.sleep(delay)
                 delay *= 2
+        return False, "no attempt"
 
     @property
     def client(self):
@@ -293,10 +304,53 @@ class Tracker:
                 counts[key] = str(int(v)) if float(v).is_integer() else str(v)
             else:
                 items.append(Metric(key, float(v), ts, step or 0, model_id=model_id))
-        if items:
-            self._call("metrics", self.client.log_batch, self.run_id, metrics=items)
+        if items or self._outbox:
+            self._send_metrics(items)
         if counts:
             self.set_tags(counts)
+
+    # MLflow's log_batch takes at most 1000 metrics per request
+    _BATCH = 1000
+    OUTBOX_MAX = 200_000
+
+    def _send_metrics(self, items: list) -> None:
+        # while points wait (the server was down a moment ago) one quick try per call, so a dead
+        # server costs the training loop one refused connection per log, not a retry ladder
+        retries = 0 if self._outbox else self.retries
+        pending = self._outbox + items
+        self._outbox = []
+        for i in range(0, len(pending), self._BATCH):
+            chunk = pending[i:i + self._BATCH]
+            ok, err = self._attempt("metrics", retries, self.client.log_batch, self.run_id, metrics=chunk)
+            if not ok:
+                self._outbox = pending[i:]
+                if len(self._outbox) > self.OUTBOX_MAX:
+                    dropped = len(self._outbox) - self.OUTBOX_MAX
+                    self.lost_points += dropped
+                    self._outbox = self._outbox[dropped:]
+                log.warning("MLflow metrics not sent (%s): %d points kept for retry", err,
+                            len(self._outbox))
+                return
+            retries = 0
+
+    @property
+    def pending_points(self) -> int:
+        return len(self._outbox)
+
+    def flush(self) -> int:
+        """Send the metric points still waiting (with the usual retries); those that cannot be
+        sent are dropped and counted in `lost_points`. Returns lost_points."""
+        if self._outbox and self.run_id is not None:
+            waiting, self._outbox = self._outbox, []
+            for i in range(0, len(waiting), self._BATCH):
+                ok, err = self._attempt("metrics", self.retries, self.client.log_batch, self.run_id,
+                                        metrics=waiting[i:i + self._BATCH])
+                if not ok:
+                    lost = len(waiting) - i
+                    self.lost_points += lost
+                    log.warning("MLflow: %d metric points lost (%s)", lost, err)
+                    break
+        return self.lost_points
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.run_id is None:
@@ -338,6 +392,7 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
+            self.flush()
             self._call("end run", self.client.set_terminated, self.run_id, status)
 
     @contextmanager
@@ -359,6 +414,7 @@ class Tracker:
         with child.run(run_name, tags):
             yield child
         self.lost += child.lost
+        self.lost_points += child.lost_points
 
     def ui_url(self, base: str | None = None) -> str:
         """The experiment's runs table in machine-learning mode (MLflow 3.17 UI route)."""

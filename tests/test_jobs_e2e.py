@@ -422,3 +422,89 @@ def test_backbone_in_the_loop_training_end_to_end(pipeline_run, ray_local):
     assert out["metrics"]["step"] >= 1 and out["mtg_items"] > 0
     assert st.table_exists("items_images_train")
     assert NearIDModel.from_pretrained(out["model_dir"]).embedding_dim == 64
+
+
+def _mlflow_server(db: Path, port: int, log: Path):
+    import subprocess
+    import sys
+    import urllib.request
+
+    from nearid.faults import wait_until
+
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--serve-artifacts", "--artifacts-destination", str(db.parent / "mlartifacts")]
+    with open(log, "a") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
+        except OSError:
+            return False
+    assert wait_until(lambda: healthy() or proc.poll() is not None, timeout=240) and healthy(), log.read_text()[-3000:]
+    return proc, healthy
+
+
+def test_tracking_server_stopped_and_restarted_mid_training(pipeline_run, tmp_path, ray_local):
+    """The MLflow server dies at step 2 and comes back at step 12 of a Ray Train run: training
+    finishes, the model is published, and every metric point logged meanwhile reaches the run."""
+    from mlflow import MlflowClient
+
+    from nearid.faults import wait_until
+    from nearid.stages.train import run_train
+    from nearid.tracking import Tracker
+    from nearid.training.loop import steps_for
+    from tests.conftest import free_port
+
+    root, _ = pipeline_run
+    st = Storage.open(str(root))
+    per_epoch = steps_for(st.read_table("items_tokens_train", columns=["id"]).num_rows, 16, 1, 1)
+    epochs = -(-16 // per_epoch)
+    total = per_epoch * epochs
+    port, db, slog = free_port(), tmp_path / "mlflow.db", tmp_path / "mlflow-server.log"
+    server, healthy = _mlflow_server(db, port, slog)
+    uri = f"http://127.0.0.1:{port}"
+    cfg = cfg_for(root, f"train.epochs={epochs}", f"tracking.uri={uri}", "tracking.experiment=restart")
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    box: dict = {}
+
+    def train():
+        try:
+            box["summary"] = run_train(cfg, st, ray_local, Tracker.from_config(cfg, st), run_name="server-restart",
+                                       extra_loop_config={"fault_pause_steps": [2, 12], "fault_pause_dir": str(pause)})
+        except BaseException as e:  # noqa: BLE001 - shown by the assertion below
+            box["error"] = e
+
+    import threading
+
+    th = threading.Thread(target=train, daemon=True)
+    th.start()
+    try:
+        assert wait_until(lambda: (pause / "reached-2").exists() or not th.is_alive(), timeout=600), box
+        assert "error" not in box, box
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        assert not healthy()
+        (pause / "go-2").touch()        # steps 5 and 10 are logged while nothing listens
+        assert wait_until(lambda: (pause / "reached-12").exists() or not th.is_alive(), timeout=600), box
+        server, healthy = _mlflow_server(db, port, slog)
+        (pause / "go-12").touch()
+        th.join(timeout=600)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    assert not th.is_alive() and "error" not in box, box
+    summary = box["summary"]
+    assert summary["metrics"]["step"] == total
+    assert st.exists("models/server-restart/model.safetensors")
+    assert summary["mlflow"]["lost_points"] == 0, summary["mlflow"]
+    # read back from the same store (the server is gone): every 5th step is there, none twice
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(summary["mlflow"]["run_id"])
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(5, total + 1, 5)), steps
+    assert "val/ssr" in run.data.metrics and "train/seconds" in run.data.metrics

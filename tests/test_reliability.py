@@ -158,7 +158,13 @@ def test_tracker_survives_a_dead_mlflow_server(caplog):
     with caplog.at_level(logging.WARNING, logger="nearid.tracking"):
         t.log_metrics({"loss": 1.0}, step=1)
         t.log_params({"a": 1})
-    assert t.lost == 2 and "lost after 2 tries" in caplog.text
+    assert t.lost == 1 and "lost after 2 tries" in caplog.text     # the params call
+    # metric points wait for the server instead of vanishing; those never sent are counted
+    assert t.pending_points == 1 and "1 points kept for retry" in caplog.text
+    t.log_metrics({"loss": 0.5, "val_ssr": 3.0}, step=2)
+    assert t.pending_points == 3 and t.lost_points == 0
+    t.end("FAILED")
+    assert t.pending_points == 0 and t.lost_points == 3 and "3 metric points lost" in caplog.text
 
 
 def test_planted_secrets_never_reach_mlflow_or_saved_config(tmp_path, monkeypatch, caplog):

@@ -7,12 +7,12 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import config_to_dict, flatten
 from ..raytools import write_dataset
+from ..schema import flatten_tokens, items_table
 from ..training.items import group_items, group_key, item_sources, mtg_as_rows
 
 log = logging.getLogger("nearid.train")
@@ -34,9 +34,9 @@ class _ToItemRows:
     """Keep one split's rows of the wanted sources; MTG rows move into the item layout, once per
     copy (`mtg_repeat`; 0 = no MTG), and every row gets its hashed grouping key."""
 
-    def __init__(self, split: str, sources: list[str], payload: str, mtg_repeat: int, seed: int):
-        self.split, self.sources, self.payload = split, set(sources), payload
-        self.column = "tokens" if payload == "tokens" else "image"   # items hold `images`
+    def __init__(self, split: str, sources: list[str], input_mode: str, mtg_repeat: int, seed: int):
+        self.split, self.sources, self.input_mode = split, set(sources), input_mode
+        self.column = "tokens" if input_mode == "tokens" else "image"   # items hold `images`
         self.mtg_repeat, self.seed = (mtg_repeat if "mtg" in sources else 0), seed
 
     def __call__(self, t: pa.Table) -> pa.Table:
@@ -56,27 +56,17 @@ class _ToItemRows:
         out = pa.concat_tables(parts)
         out = out.append_column("gkey", pa.array([group_key(i, self.seed) for i in out["id"].to_pylist()],
                                                  pa.string()))
-        if self.payload == "tokens":
-            out = _flatten_tokens(out)
+        if self.input_mode == "tokens":
+            # Ray's hash shuffle cannot build empty tensor-extension columns: plain lists for the
+            # shuffle; group_items restores the [T, D] shape
+            out = out.set_column(out.schema.get_field_index("tokens"), "tokens", flatten_tokens(out["tokens"]))
         return out
 
 
-def _flatten_tokens(t: pa.Table) -> pa.Table:
-    """Ray's hash shuffle cannot build empty tensor-extension columns: flatten the tokens to a
-    plain fixed-size list for the shuffle; group_items restores the [T, D] shape."""
-    col = t["tokens"]
-    if isinstance(col.type, pa.FixedShapeTensorType):
-        n = int(np.prod(col.type.shape))
-        plain = pa.list_(pa.float16(), n)
-        col = pa.chunked_array([pa.FixedSizeListArray.from_arrays(c.storage.flatten(), n)
-                                for c in col.chunks if len(c)], type=plain)
-    return t.set_column(t.schema.get_field_index("tokens"), "tokens", col)
-
-
-def _grouper(sources: list[str], payload: str, token_shape):
+def _grouper(sources: list[str], input_mode: str, token_shape):
     # map_groups wants a plain function (it reads __name__)
     def group_one_identity(t: pa.Table) -> pa.Table:
-        return group_items(t, sources, payload, token_shape)
+        return group_items(t, sources, input_mode, token_shape)
     return group_one_identity
 
 
@@ -90,29 +80,30 @@ def _image_features(storage, cfg) -> pa.Table:
 
 
 def build_items(ray, cfg, storage, split: str, settings: list[str], mtg_repeat: int) -> tuple[str, int]:
-    """Write `items_<split>` (one row per identity) unless it exists; returns (table, rows)."""
-    payload = "tokens" if cfg.train.input_mode == "tokens" else "images"
-    name = f"items_{payload}_{split}"
+    """Write `items_<input mode>_<split>` (`nearid.schema.items_schema`, one row per identity)
+    unless it exists; returns (table, rows)."""
+    input_mode = cfg.train.input_mode
+    name = items_table(input_mode, split)
     sources = item_sources(settings)
     sig = {"sources": sources, "mtg_repeat": mtg_repeat, "order": "gkey-v1", "seed": cfg.run.seed}
     if storage.is_done(name) and storage.read_json(f"{name}/_SUCCESS.json").get("sig") == sig:
         return name, storage.read_json(f"{name}/_SUCCESS.json")["rows"]
     storage.delete_dir(name)
     wanted = list(sources) if mtg_repeat else [s for s in sources if s != "mtg"]
-    if payload == "tokens":
+    if input_mode == "tokens":
         ds = ray.data.read_parquet(storage.uri("features"), filesystem=storage.fs,
                                    columns=[*FEATURE_COLS, "tokens", "error"])
     else:
         ds = ray.data.from_arrow(_image_features(storage, cfg))
-    ds = ds.map_batches(_ToItemRows(split, wanted, payload, mtg_repeat, cfg.run.seed),
+    ds = ds.map_batches(_ToItemRows(split, wanted, input_mode, mtg_repeat, cfg.run.seed),
                         batch_format="pyarrow", num_cpus=0.25)
     token_shape = None
-    if payload == "tokens":
+    if input_mode == "tokens":
         ttype = storage.dataset("features").schema.field("tokens").type
         token_shape = tuple(ttype.shape)
     n_parts = max(2, min(64, cfg.train.num_workers * 2))
     ds = ds.groupby("gkey", num_partitions=n_parts).map_groups(
-        _grouper(sources, payload, token_shape), batch_format="pyarrow", num_cpus=0.25)
+        _grouper(sources, input_mode, token_shape), batch_format="pyarrow", num_cpus=0.25)
     write_dataset(ds, storage, name)
     rows = storage.read_table(name, columns=["id"]).num_rows
     storage.mark_done(name, {"rows": rows, "sig": sig})
@@ -189,6 +180,14 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
         tracker.log_metrics({"train/wall_seconds": summary["seconds"]})
         _log_curves(tracker, run_id)
         tracker.end("FINISHED")
+        # points the workers and this driver could not send even after retrying (server down)
+        lost = int(summary["metrics"].pop("mlflow_lost_points", 0)) + tracker.lost_points
+        summary["mlflow"] = {**(summary["mlflow"] or {}), "lost_points": lost}
+        if lost:
+            log.warning("MLflow: %d metric points of run %s were lost while the tracking server was "
+                        "unreachable; the model and train_summary.json are complete", lost, run_name)
+    else:
+        summary["metrics"].pop("mlflow_lost_points", None)
     storage.write_json(f"models/{run_name}/train_summary.json", summary)
     return summary
 
