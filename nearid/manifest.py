@@ -1,5 +1,5 @@
 """Table manifests: every committed part file recorded at commit, checked on read, verified and
-repaired by `nearid verify`.
+repaired by `nearid verify` (nearid/verify.py).
 
 `<root>/<table>/_manifest.json` (rewritten atomically, under the table's commit lock, at every
 commit):
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import time
 from datetime import datetime, timezone
 from typing import Iterable, Sequence
@@ -46,7 +45,7 @@ WRITERS = {"positives": "jobs.synth (or the importer)", "mtg": "jobs.synth", "gr
            "distractors": "jobs.generate", "features": "jobs.extract", "embeddings": "jobs.extract"}
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
@@ -108,11 +107,11 @@ def load(storage, table: str) -> dict | None:
 
 
 def new(table: str) -> dict:
-    return {"format": FORMAT, "table": table, "updated": _now(), "parts": {}}
+    return {"format": FORMAT, "table": table, "updated": utc_now(), "parts": {}}
 
 
 def save(storage, table: str, m: dict) -> None:
-    m["updated"] = _now()
+    m["updated"] = utc_now()
     storage.write_json(f"{table}/{MANIFEST}", m)
 
 
@@ -157,7 +156,7 @@ def _etag(storage, path: str) -> str | None:
 
 def entry_for(storage, table: str, rel: str, size: int, rows: int, write_id: str | None = None) -> dict:
     path = storage.path(table, rel)
-    e = {"rows": rows, "bytes": size, "write_id": write_id, "committed": _now()}
+    e = {"rows": rows, "bytes": size, "write_id": write_id, "committed": utc_now()}
     if storage.is_s3:
         e["etag"] = _etag(storage, path)
     else:
@@ -229,7 +228,7 @@ def commit(storage, table: str, write_id: str, key: Sequence[str] | None = None,
         for info, final_rel in staged:
             rows, keys = inspect_part(storage, info.path, final_rel, key)
             entries[final_rel] = {"rows": rows, "bytes": info.size, "write_id": write_id,
-                                  "committed": _now()}
+                                  "committed": utc_now()}
             if not storage.is_s3:
                 entries[final_rel]["sha256"] = sha256_of(storage, info.path)
             new_keys[final_rel] = (info.size, keys or [])
@@ -294,7 +293,7 @@ def forget(storage, table: str, rels: Iterable[str]) -> None:
 
 
 # ---- cheap validation on read -----------------------------------------------------------------------
-def _problems(m: dict | None, parts: dict[str, dict]) -> list[tuple[str, str]]:
+def size_problems(m: dict | None, parts: dict[str, dict]) -> list[tuple[str, str]]:
     if m is None:
         return []
     out = []
@@ -323,7 +322,7 @@ def validate(storage, table: str) -> tuple[dict | None, dict[str, dict]]:
     for attempt in range(2):
         m = load(storage, table)                 # manifest first: a commit only adds after it
         parts = parts_on_disk(storage, table)
-        bad = _problems(m, parts)
+        bad = size_problems(m, parts)
         if not bad:
             return m, parts
         if attempt == 0:
@@ -360,7 +359,7 @@ def prepare_table(storage, table: str, lease) -> None:
     with commit_lock(storage, table):
         m = load(storage, table)
         parts = parts_on_disk(storage, table)
-        bad = _problems(m, parts)
+        bad = size_problems(m, parts)
         if bad:
             raise corrupt_error(storage, table, bad)
         unrecorded = sorted(set(parts) - set((m or {}).get("parts", {})))
@@ -375,153 +374,3 @@ def prepare_table(storage, table: str, lease) -> None:
             m["parts"][rel] = entry_for(storage, table, rel, parts[rel]["size"], rows)
         save(storage, table, m)
         log.info("table '%s': recorded %d part(s) the manifest did not list", table, len(unrecorded))
-
-
-# ---- nearid verify --------------------------------------------------------------------------------
-def tables_under(storage) -> list[str]:
-    names = set()
-    if storage.is_s3:
-        s3 = storage.fs.handler.fs
-        s3.invalidate_cache(storage.base)
-        try:
-            entries = s3.ls(storage.base, detail=True)
-        except FileNotFoundError:
-            entries = []
-        names = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"}
-    else:
-        import os
-
-        names = {e.name for e in os.scandir(storage.base) if e.is_dir()}
-    out = []
-    for n in sorted(names):
-        if n.startswith(("_", ".")):
-            continue
-        if storage.exists(n, MANIFEST) or parts_on_disk(storage, n):
-            out.append(n)
-    return out
-
-
-def check_table(storage, table: str, deep: bool = True) -> dict:
-    """{"table", "manifest": bool, "recorded": n, "bad": [(rel, why)], "unrecorded": [(rel, rows|None, why)]}"""
-    m = load(storage, table)
-    files = listing(storage, table)
-    parts = {r: i for r, i in files.items() if is_part(r)}
-    bad = _problems(m, parts)
-    flagged = {r for r, _ in bad}
-    if deep and m is not None:
-        for rel, e in sorted(m["parts"].items()):
-            if rel in flagged:
-                continue
-            if storage.is_s3 and e.get("etag") and parts[rel].get("etag") != e["etag"]:
-                bad.append((rel, f"altered (ETag {parts[rel].get('etag')}, {e['etag']} recorded)"))
-            elif not storage.is_s3 and e.get("sha256") and sha256_of(storage, storage.path(table, rel)) != e["sha256"]:
-                bad.append((rel, "altered (SHA-256 differs from the manifest)"))
-    unrecorded = []
-    for rel in sorted(set(parts) - set((m or {}).get("parts", {}))):
-        try:
-            rows, _ = inspect_part(storage, storage.path(table, rel), rel)
-            unrecorded.append((rel, rows, "not in the manifest (readable)"))
-        except Exception as e:  # noqa: BLE001
-            unrecorded.append((rel, None, f"not in the manifest and unreadable: {type(e).__name__}: {e}"))
-    return {"table": table, "manifest": m is not None, "recorded": len((m or {}).get("parts", {})),
-            "bad": bad, "unrecorded": unrecorded}
-
-
-def repair_table(storage, report: dict, stamp: str, out=print) -> list[str]:
-    """Move bad and unreadable parts to `<table>/_quarantine/<stamp>/`, drop them from the manifest,
-    record readable unrecorded parts; returns the moved-aside relative paths."""
-    from .leases import Lease, commit_lock
-
-    table = report["table"]
-    with Lease(storage, table, "verify --repair"), commit_lock(storage, table):
-        m = load(storage, table) or new(table)
-        parts = parts_on_disk(storage, table)
-        moved, dropped = [], []
-        to_move = [(r, why) for r, why in report["bad"]] + \
-                  [(r, why) for r, rows, why in report["unrecorded"] if rows is None]
-        for rel, why in to_move:
-            if rel in parts:
-                dest = storage.path(table, QUARANTINE, stamp, rel)
-                storage.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-                storage.fs.move(storage.path(table, rel), dest)
-                moved.append(rel)
-                out(f"  moved {storage.uri(table, rel)} -> {storage.uri(table, QUARANTINE, stamp, rel)} ({why})")
-            else:
-                out(f"  dropped {storage.uri(table, rel)} from the manifest ({why})")
-            if rel in m["parts"]:
-                dropped.append({"part": rel, "problem": why, "recorded": m["parts"].pop(rel)})
-        for rel, rows, _ in report["unrecorded"]:
-            if rows is not None and rel in parts:
-                m["parts"][rel] = entry_for(storage, table, rel, parts[rel]["size"], rows)
-                out(f"  recorded {storage.uri(table, rel)} ({rows} rows) in the manifest")
-        save(storage, table, m)
-        if to_move:
-            storage.write_json(f"{table}/{QUARANTINE}/{stamp}/_repair.json",
-                               {"table": table, "when": _now(), "moved": moved, "dropped": dropped})
-            storage.clear_done(table)
-    return moved
-
-
-def add_verify_args(p) -> None:
-    p.add_argument("root", help="storage root (local folder or s3://bucket/prefix)")
-    p.add_argument("table", nargs="?", default=None, help="one table (default: every table under ROOT)")
-    p.add_argument("--repair", action="store_true",
-                   help="move bad parts to <table>/_quarantine/ and drop them from the manifest, so a "
-                        "rerun of the stage recomputes exactly their keys (never deletes data)")
-    p.add_argument("--quick", action="store_true", help="sizes only, no checksums")
-    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL[_S3])")
-
-
-def cli_verify(args) -> int:
-    """`nearid verify ROOT [TABLE] [--repair]`: exit 1 if any part is missing, truncated or altered
-    (0 when clean, or when --repair moved every bad part aside); 2 on a user mistake."""
-    from .config import StorageConfig
-    from .leases import LeaseHeld
-    from .storage import Storage
-
-    try:
-        storage = Storage.open(args.root, StorageConfig(endpoint_url=args.endpoint_url))
-        tables = tables_under(storage)
-        if args.table:
-            if args.table not in tables:
-                print(f"error: no table '{args.table}' under {storage.root} (tables: "
-                      f"{', '.join(tables) or 'none'})", file=sys.stderr)
-                return 2
-            tables = [args.table]
-        n_bad, n_parts, n_moved, rerun = 0, 0, 0, set()
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        for t in tables:
-            r = check_table(storage, t, deep=not args.quick)
-            n_parts += r["recorded"]
-            broken = len(r["bad"]) + sum(1 for _, rows, _ in r["unrecorded"] if rows is None)
-            n_bad += broken
-            state = "no manifest (written before manifests; recorded by --repair or the next stage run)" \
-                if not r["manifest"] else ("ok" if not broken else f"{broken} bad")
-            print(f"{t}: {r['recorded']} part(s) recorded, {state}")
-            for rel, why in r["bad"]:
-                kind = why.split(" ", 1)[0]
-                print(f"  {kind:<10} {storage.uri(t, rel)}: {why}")
-            for rel, rows, why in r["unrecorded"]:
-                print(f"  {'unreadable' if rows is None else 'unrecorded':<10} {storage.uri(t, rel)}: {why}")
-            if args.repair and (broken or r["unrecorded"] or not r["manifest"]):
-                n_moved += len(repair_table(storage, r, stamp))
-                if broken:
-                    rerun.add(writer_of(t))
-        if args.repair:
-            if n_bad:
-                print(f"verify: repaired {n_bad} bad part(s) ({n_moved} moved to {QUARANTINE}/, "
-                      f"{n_bad - n_moved} missing ones dropped from the manifest); rerun "
-                      f"{', '.join(sorted(rerun))} to recompute their keys")
-            else:
-                print(f"verify: {n_parts} part(s) in {len(tables)} table(s) match their manifests; nothing to repair")
-            return 0
-        if n_bad:
-            print(f"verify: {n_bad} bad part(s) under {storage.root}; run `nearid verify {storage.root}"
-                  f"{' ' + args.table if args.table else ''} --repair` to move them aside, then rerun "
-                  f"the stage to recompute their keys")
-            return 1
-        print(f"verify: {n_parts} part(s) in {len(tables)} table(s) match their manifests")
-        return 0
-    except (LeaseHeld, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
