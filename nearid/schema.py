@@ -129,7 +129,32 @@ def features_schema(num_tokens: int | None, dim: int | None, embedding_dim: int 
 FEATURES = TableSpec("features", features_schema(None, None, None), key=FEATURE_KEY,
                      partition_by=("source",))
 
-TABLES = {t.name: t for t in (POSITIVES, DISTRACTORS, SIMS, REJECTS, MTG, GRADED, FEATURES)}
+
+def items_table(input_mode: str, split: str) -> str:
+    """The name of one split's items table: `items_tokens_train`, `items_images_val`, ..."""
+    return f"items_{input_mode}_{split}"
+
+
+def items_schema(input_mode: str = "tokens", n_slots: int | None = None,
+                 token_size: int | None = None) -> pa.Schema:
+    """Training items (`nearid.training.items`): one row per identity, `n_slots` = sources x views.
+    `valid` [n_slots] int8 marks the slots that hold a view; `tokens` (input mode "tokens") is every
+    slot's [T, D] fp16 tokens in one plain fixed-size list of n_slots*T*D (`flatten_tokens`; Ray's
+    shuffle and batching handle it everywhere), `images` (input mode "images") every slot's encoded
+    bytes (b"" where `valid` is 0)."""
+    fields = [("id", pa.string()), ("split", pa.string()),
+              ("valid", pa.list_(pa.int8(), n_slots) if n_slots else pa.list_(pa.int8()))]
+    if input_mode == "tokens":
+        fields.append(("tokens", pa.list_(pa.float16(), token_size) if token_size else pa.list_(pa.float16())))
+    else:
+        fields.append(("images", pa.list_(pa.binary())))
+    return pa.schema(fields)
+
+
+# `items_<input mode>_<split>` (see `items_table`); the schema here is the tokens mode's, sizes open
+ITEMS = TableSpec("items", items_schema(), key=("id",))
+
+TABLES = {t.name: t for t in (POSITIVES, DISTRACTORS, SIMS, REJECTS, MTG, GRADED, FEATURES, ITEMS)}
 
 
 def check_columns(table: pa.Table, spec: TableSpec, where: str = "") -> None:
@@ -168,6 +193,33 @@ def embedding_column(values: np.ndarray) -> pa.Array:
     values = np.ascontiguousarray(values, dtype=np.float32)
     n, d = values.shape
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), d)
+
+
+def flatten_tokens(values):
+    """Tokens in the items encoding: one plain fixed-size list of fp16 per row.
+
+    `values` is a numpy array [N, ...] of any trailing shape ([N, T, D] features, [N, slots, T, D]
+    items) or a canonical tensor column (the features' `tokens`), relabelled without a copy and
+    without its empty chunks (Ray's hash shuffle cannot build empty tensor-extension columns); a
+    column that already is a plain list comes back as it is. `unflatten_tokens` is the inverse."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        if not isinstance(values.type, pa.FixedShapeTensorType):
+            return values
+        n = int(np.prod(values.type.shape))
+        chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+        plain = [pa.FixedSizeListArray.from_arrays(c.storage.flatten(), n) for c in chunks if len(c)]
+        if isinstance(values, pa.Array):
+            return plain[0] if plain else pa.array([], pa.list_(pa.float16(), n))
+        return pa.chunked_array(plain, type=pa.list_(pa.float16(), n))
+    values = np.ascontiguousarray(values, dtype=np.float16)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), int(np.prod(values.shape[1:])))
+
+
+def unflatten_tokens(col: pa.ChunkedArray | pa.Array, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Tokens back as numpy [N, *shape] from either encoding (`flatten_tokens`' plain lists or a
+    tensor column); `shape` may hold one -1; None keeps the column's own row shape."""
+    values = column_to_numpy(col)
+    return values if shape is None else values.reshape(values.shape[0], *shape)
 
 
 def column_to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:

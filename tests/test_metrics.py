@@ -260,3 +260,39 @@ def test_single_string_arguments_mean_one_name():
     table = nearid_table(pooling_frame(), held_apart="fluxc").set_index("setting")
     assert table.loc["pooled", "n"] == 4
     assert set(build_sims(emb_frame(), settings="flux")["setting"]) == {"flux"}
+
+
+# ----------------------------------------------------------------------------- two paths, one answer
+def test_build_sims_and_validation_item_sims_agree():
+    """The evaluate stage (`metrics.build_sims` on long-format embeddings) and training validation
+    (`training.validate.item_sims` on item slots) must give the same sims rows, hence the same
+    SSR/PA, for the same embeddings; missing views and distractors are NaN on both paths."""
+    from nearid.training.items import N_VIEWS, item_sources
+    from nearid.training.validate import item_sims
+
+    rng = np.random.default_rng(7)
+    ids, settings = [f"id{i}" for i in range(6)], ["flux", "sdxl"]
+    sources = item_sources(settings)   # positive, flux, sdxl, mtg
+    emb = rng.normal(size=(len(ids), len(sources) * N_VIEWS, 16))
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    valid = np.ones((len(ids), len(sources) * N_VIEWS), np.int8)
+    valid[:, sources.index("mtg") * N_VIEWS:] = 0          # no MTG slots in a NearID item
+    valid[1, 2] = 0                                        # id1 lacks positive view 2
+    valid[2, sources.index("flux") * N_VIEWS + 0] = 0      # id2 lacks flux's view-0 distractor
+    valid[3, sources.index("sdxl") * N_VIEWS:sources.index("sdxl") * N_VIEWS + 3] = 0   # id3: no sdxl
+    long = [{"id": i, "view": v, "source": s, "embedding": emb[r, k * N_VIEWS + v]}
+            for r, i in enumerate(ids) for k, s in enumerate(sources) for v in range(N_VIEWS)
+            if valid[r, k * N_VIEWS + v]]
+
+    cols = ["sim_01", "sim_02", "sim_12", "cross_00", "cross_11", "cross_22"]
+    a = build_sims(pd.DataFrame(long), settings=settings).set_index(["setting", "id"]).sort_index()
+    b = item_sims(ids, emb, valid, sources, settings).set_index(["setting", "id"]).sort_index()
+    assert list(a.index) == list(b.index)
+    assert np.allclose(a[cols].to_numpy(), b[cols].to_numpy(), atol=1e-12, equal_nan=True)
+    assert np.isnan(b.loc[("flux", "id1"), "sim_02"]) and np.isnan(b.loc[("flux", "id2"), "cross_00"])
+    sa, sb = nearid_scores(a.reset_index()), nearid_scores(b.reset_index())
+    for k in ("ssr", "pa", "pa_pure", "n", "n_terms"):
+        assert math.isclose(sa[k], sb[k]), (k, sa, sb)
+    ta = nearid_table(a.reset_index(), by="setting").set_index("setting")
+    tb = nearid_table(b.reset_index(), by="setting").set_index("setting")
+    assert np.allclose(ta[["ssr", "pa"]].to_numpy(), tb[["ssr", "pa"]].to_numpy())

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from ..devices import to_host
 from ..metrics import build_sims, margins, mh_score, mtg_scores, nearid_table
-from ..schema import GRADED, MTG, column_to_numpy
+from ..schema import GRADED, MTG, SIMS, check_columns, column_to_numpy
 
 log = logging.getLogger("nearid.evaluate")
 BENCH_SOURCES = ("mtg", "graded")
@@ -176,6 +176,34 @@ def tiers(emb: pd.DataFrame, split: str, seed: int = 0) -> dict[str, np.ndarray]
         if (r.id, r.view) in pos.index:
             dist.append(float(np.dot(pos[(r.id, r.view)], r.embedding)))
     return {"same identity": np.array(same), "distractor": np.array(dist), "random": np.array(rand)}
+
+
+def sims_table(scorer: str) -> str:
+    """Where one scorer's `sims` rows are kept: `sims_<scorer>` (`:` and `/` as `_`, last 60 chars)."""
+    return "sims_" + scorer.replace(":", "_").replace("/", "_")[-60:]
+
+
+def sims_arrow(sims: pd.DataFrame, where: str = "") -> pa.Table:
+    """`sims` rows (`metrics.build_sims`) as an Arrow table, checked against `SIMS`: every column
+    present with its type (pandas' `large_string` counts as string), column order as built
+    (id, setting, sim_*, cross_*, split)."""
+    t = pa.Table.from_pandas(sims, preserve_index=False)
+    check_columns(t, SIMS, where)
+    for f in SIMS.schema:
+        got = t.schema.field(f.name).type
+        if not (got == f.type or (pa.types.is_string(f.type) and pa.types.is_large_string(got))):
+            raise ValueError(f"table 'sims' in {where or 'sims rows'}: column {f.name} is {got}, expected {f.type}")
+    return t
+
+
+def write_sims(storage, details: dict) -> list[str]:
+    """Each scorer's `sims` rows as table `sims_table(scorer)`, replaced on every evaluation."""
+    names = []
+    for scorer, d in details.items():
+        name = sims_table(scorer)
+        storage.replace_table(name, sims_arrow(d["sims"], storage.uri(name)), [])
+        names.append(name)
+    return names
 
 
 def evaluate_scorers(cfg, storage, scorers: list[str], ray=None) -> dict:

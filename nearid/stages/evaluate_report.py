@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import report
@@ -57,7 +56,8 @@ def hardest_failures(storage, sims: pd.DataFrame, k: int = 4) -> list[tuple]:
 def write_report(storage, tracker, result: dict, name: str, plots: bool = True,
                  scorer_params: dict[str, dict] | None = None) -> dict:
     """Files under reports/<name>/ and the same table + plots on the MLflow run; each scorer's
-    results on a child run (params: `scorer_params["*"]` + `scorer_params[scorer]`)."""
+    results on a child run (params: `scorer_params["*"]` + `scorer_params[scorer]`). The `sims`
+    tables are the evaluate stage's (`evaluate.write_sims`, called by `run_evaluate`)."""
     df = report.results_table(result["rows"])
     md = report.to_markdown(df)
     base = f"reports/{name}"
@@ -70,9 +70,6 @@ def write_report(storage, tracker, result: dict, name: str, plots: bool = True,
     for scorer, d in result["details"].items():
         t = d["table"]
         per_setting[scorer] = t.to_dict(orient="records")
-        tag = scorer.replace(":", "_").replace("/", "_")[-60:]
-        sims = d["sims"]
-        storage.replace_table(f"sims_{tag}", pa.Table.from_pandas(sims, preserve_index=False), [])
     storage.write_json(f"{base}/per_setting.json", per_setting)
     storage.write_json(f"{base}/timing.json", result["timing"])
     if tracker is not None:
@@ -163,7 +160,7 @@ def run_evaluate(cfg, storage, ray=None, tracker=None, scorers: list[str] | None
     run per scorer (same metric names for every scorer: `eval/ssr`, `mtg/m_o`, ...); used by `jobs.evaluate`, the pipeline and
     `nearid evaluate`. Returns {"rows", "timing", "markdown", "settings_markdown", "name"}."""
     from ..config import config_to_dict, flatten
-    from .evaluate import evaluate_scorers
+    from .evaluate import evaluate_scorers, write_sims
 
     scorers = scorers or cfg.eval.scorers
     if not storage.table_exists("features"):
@@ -187,6 +184,7 @@ def run_evaluate(cfg, storage, ray=None, tracker=None, scorers: list[str] | None
         if models:
             tracker.set_tags({"model_uri": ",".join(models)})
         result = evaluate_scorers(cfg, storage, scorers, ray)
+        write_sims(storage, result["details"])
         out = write_report(storage, tracker, result, name, plots=cfg.eval.plots, scorer_params=scorer_params)
     return {"rows": result["rows"], "timing": result["timing"], "markdown": out["markdown"],
             "settings_markdown": out["settings_markdown"], "name": name, "tracker": tracker}

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..schema import flatten_tokens, items_schema, unflatten_tokens
 
 N_VIEWS = 3
 
@@ -160,9 +161,11 @@ def draw_batch(ids, valid: np.ndarray, seed: int, epoch: int, n_pos: int, n_neg:
             np.stack([o[3] for o in out]), np.stack([o[4] for o in out]))
 
 
-def group_items(rows: pa.Table, sources: list[str], payload: str = "tokens",
+def group_items(rows: pa.Table, sources: list[str], input_mode: str = "tokens",
                 token_shape: tuple[int, int] | None = None) -> pa.Table:
-    """Rows of one or more identities (id, view, source, split, <payload>) -> one item per id.
+    """Rows of one or more identities (id, view, source, split, `tokens` or `image`) -> one item
+    per id, in the `items` layout of `nearid.schema.items_schema` (input mode "tokens" or
+    "images"; `token_shape` = (T, D) of flattened token rows).
 
     Used inside Ray Data's groupby().map_groups and directly in tests; rows whose source is not
     in `sources` are dropped (e.g. held-apart settings)."""
@@ -185,20 +188,16 @@ def group_items(rows: pa.Table, sources: list[str], payload: str = "tokens",
             slot_of_row.append(None)
     cols = {"id": pa.array(uniq, pa.string()), "split": pa.array([split[i] for i in uniq], pa.string()),
             "valid": pa.FixedSizeListArray.from_arrays(pa.array(valid.reshape(-1)), n_slots)}
-    if payload == "tokens":
-        from ..schema import column_to_numpy
-
-        tok = column_to_numpy(rows["tokens"])
-        if token_shape is not None:
-            tok = tok.reshape(-1, *token_shape)
+    token_size = None
+    if input_mode == "tokens":
+        tok = unflatten_tokens(rows["tokens"], token_shape)
         out = np.zeros((len(uniq), n_slots, *tok.shape[1:]), np.float16)
         for r, loc in enumerate(slot_of_row):
             if loc is not None:
                 out[loc] = tok[r]
-        # a plain fixed-size list (not a tensor extension type): Ray's shuffle and batching handle
-        # it everywhere; `unpack_tokens` restores [n, slots, T, D]
-        cols["tokens"] = pa.FixedSizeListArray.from_arrays(pa.array(out.reshape(-1)),
-                                                           int(np.prod(out.shape[1:])))
+        # [n, slots, T, D] as one flat list per item; `unflatten_tokens` restores the shape
+        cols["tokens"] = flatten_tokens(out)
+        token_size = cols["tokens"].type.list_size
     else:
         imgs = [[b""] * n_slots for _ in uniq]
         data = rows["image"].to_pylist()
@@ -206,7 +205,7 @@ def group_items(rows: pa.Table, sources: list[str], payload: str = "tokens",
             if loc is not None:
                 imgs[loc[0]][loc[1]] = data[r]
         cols["images"] = pa.array(imgs, pa.list_(pa.binary()))
-    return pa.table(cols)
+    return pa.table(cols, schema=items_schema(input_mode, n_slots, token_size))
 
 
 def mtg_as_rows(mtg_features: pa.Table) -> pa.Table:

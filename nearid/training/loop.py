@@ -17,7 +17,7 @@ import torch
 
 from .. import faults
 from ..config import Config
-from ..schema import column_to_numpy
+from ..schema import column_to_numpy, unflatten_tokens
 from .items import batches_in_epoch_order, draw_batch, item_sources
 from .state import load_training_state, save_training_state
 from .validate import embed_items, item_sims, score_sims
@@ -71,26 +71,26 @@ def _open_storage(cfg: Config):
     return Storage.open(cfg.run.root, cfg.storage)
 
 
-def load_items(storage, table: str, payload: str, dim: int):
+def load_items(storage, table: str, input_mode: str, dim: int):
+    """(ids, valid [n, slots] bool, tokens [n, slots, T, D] or per-slot image bytes) of a table."""
     t = storage.read_table(table)
-    d = _to_numpy(t, payload, dim)
-    return list(d["id"]), d["valid"].astype(bool), d[payload]
+    d = _to_numpy(t, input_mode, dim)
+    return list(d["id"]), d["valid"].astype(bool), d[input_mode]
 
 
-def _epoch_batches(tables, tc, epoch: int, per_worker: int, payload: str, dim: int):
+def _epoch_batches(tables, tc, epoch: int, per_worker: int, input_mode: str, dim: int):
     """One epoch's batches in the order of `items.epoch_order` (see there for why)."""
     for t in batches_in_epoch_order(tables, tc.seed, epoch, max(1, tc.mtg_repeat), per_worker,
                                     tc.shuffle_buffer):
-        yield _to_numpy(t, payload, dim)
+        yield _to_numpy(t, input_mode, dim)
 
 
-def _to_numpy(t, payload: str, dim: int) -> dict:
+def _to_numpy(t, input_mode: str, dim: int) -> dict:
     valid = column_to_numpy(t["valid"])
     d = {"id": np.array(t["id"].to_pylist(), dtype=object), "valid": valid,
          "split": np.array(t["split"].to_pylist(), dtype=object)}
-    if payload == "tokens":
-        flat = column_to_numpy(t["tokens"])
-        d["tokens"] = flat.reshape(flat.shape[0], valid.shape[1], -1, dim)
+    if input_mode == "tokens":
+        d["tokens"] = unflatten_tokens(t["tokens"], (valid.shape[1], -1, dim))
     else:
         d["images"] = t["images"].to_pylist()
     return d
@@ -131,14 +131,14 @@ class TokenSource:
 def _validate(head, storage, cfg: Config, val_table: str, sources, settings, token_source) -> dict:
     if not storage.table_exists(val_table):
         return {}
-    payload = "tokens" if cfg.train.input_mode == "tokens" else "images"
-    ids, valid, data = load_items(storage, val_table, payload, head.hidden_size)
+    input_mode = cfg.train.input_mode
+    ids, valid, data = load_items(storage, val_table, input_mode, head.hidden_size)
     keep = [not str(i).startswith("mtg:") for i in ids]
     ids = [i for i, k in zip(ids, keep) if k]
-    valid, data = valid[keep], (data[keep] if payload == "tokens" else [d for d, k in zip(data, keep) if k])
+    valid, data = valid[keep], (data[keep] if input_mode == "tokens" else [d for d, k in zip(data, keep) if k])
     was = head.training
     head.eval()
-    if payload == "tokens":
+    if input_mode == "tokens":
         emb = embed_items(head, torch.tensor(data))
     else:
         idx = np.tile(np.arange(valid.shape[1]), (len(ids), 1))
@@ -164,7 +164,7 @@ def train_loop(config: dict) -> dict:
     storage = _open_storage(cfg)
     settings = list(config["settings"])
     sources = item_sources(settings)
-    payload = "tokens" if tc.input_mode == "tokens" else "images"
+    input_mode = tc.input_mode
     use_cuda = tc.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if not use_cuda:
@@ -172,7 +172,7 @@ def train_loop(config: dict) -> dict:
 
     model = NearIDModel.from_backbone(cfg.extract.backbone.name, **backbone_kwargs(cfg.extract.backbone))
     head = model.head.to(device)
-    if payload == "images":
+    if input_mode == "images":
         model.backbone.to(device)
     ddp_head = head
     if ctx.kind == "train" and ctx.world > 1:
@@ -228,7 +228,7 @@ def train_loop(config: dict) -> dict:
                 batch_size=max(per_worker, 256), batch_format="pyarrow")
         else:   # Tune trials and tests stream the items table with pyarrow
             tables = storage.dataset(config["items"]).to_batches()
-        it = _epoch_batches(tables, tc, epoch, per_worker, payload, head.hidden_size)
+        it = _epoch_batches(tables, tc, epoch, per_worker, input_mode, head.hidden_size)
         skip = step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already seen
         for b_idx, batch in enumerate(it):
             if b_idx >= steps_per_epoch:
