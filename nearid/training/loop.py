@@ -257,11 +257,14 @@ def train_loop(config: dict) -> dict:
             sched.step()
             step += 1
             faults.train_kill_worker(config, step, ctx.rank, ctx.world, progress["step"])  # the last reported step
+            faults.train_pause_at_step(config, step, ctx.rank)
             metrics = {"loss": float(out.loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
                        "epoch": epoch, "step": step, **{f"loss_{k}": v for k, v in out.terms.items()}}
             if tracker is not None and step % 5 == 0:
                 tracker.log_metrics({k: v for k, v in metrics.items() if k not in ("step",)}, step)
             at_end = step == total_steps
+            if at_end and tracker is not None:
+                metrics["train_seconds"] = round(time.time() - t_start, 2)
             if step % val_every == 0 or step % ckpt_every == 0 or at_end:
                 last = _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings,
                                             token_source, model, opt, sched, scaler, metrics,
@@ -273,8 +276,8 @@ def train_loop(config: dict) -> dict:
         if step >= total_steps:
             break
     last["train_seconds"] = round(time.time() - t_start, 2)
-    if tracker is not None:
-        tracker.log_metrics({"train_seconds": last["train_seconds"]}, step)
+    if tracker is not None and tracker.flush():
+        log.warning("MLflow: %d metric points of this run could not be sent", tracker.lost_points)
     return last
 
 
@@ -287,8 +290,12 @@ def _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings, tok
     progress.update({"epoch": done_epoch, "step": step,
                      "best_val_ssr": max(progress["best_val_ssr"], val.get("val_ssr", -1.0))})
     metrics["resumed_from_step"] = progress["resumed_from_step"]
-    if tracker is not None and val:
-        tracker.log_metrics(val, step)
+    if tracker is not None:
+        if val or "train_seconds" in metrics:
+            tracker.log_metrics({**val, **{k: metrics[k] for k in ("train_seconds",) if k in metrics}}, step)
+        if "train_seconds" in metrics:
+            # the last report: what could not reach the tracking server travels with it to the driver
+            metrics["mlflow_lost_points"] = tracker.flush()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = None
         if ctx.rank == 0:
