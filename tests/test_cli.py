@@ -122,8 +122,12 @@ def test_runtime_mistakes_name_the_file(tiny_model_dir, tmp_path):
         "scorer model dir": (["jobs.evaluate", "--config", CFG, "--set", f"run.root={tmp_path / 'empty'}",
                               "--scorers", f"nearid:{tmp_path / 'm3'}"], "m3"),
     }
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:   # each child spends seconds importing torch and Ray
+        done = dict(zip(cases, pool.map(lambda c: _run(c[0]), cases.values())))
     for name, (args, needle) in cases.items():
-        p = _run(args)
+        p = done[name]
         errors = [line for line in p.stderr.splitlines() if "error:" in line]
         assert p.returncode == 2, (name, p.stderr[-3000:])
         assert len(errors) == 1 and needle in errors[0], (name, p.stderr[-3000:])

@@ -373,42 +373,38 @@ def test_items_hold_each_mtg_copy_once_and_none_with_mtg_repeat_zero(pipeline_ru
     build_items(ray_local, cfg, st, "train", settings, cfg.train.mtg_repeat)   # back for later tests
 
 
-def test_publish_final_or_best_and_say_which(pipeline_run, ray_local):
+def test_publish_final_or_best_say_which_and_same_seed_gives_the_same_model(pipeline_run, ray_local):
+    """Three short trainings (each one costs a Ray Train start, so one test shares them): two with
+    the same seed publish the final checkpoint and give the same loss and Table-1 row; the third
+    publishes the best one and says so."""
     from nearid.model import NearIDModel
+    from nearid.stages.evaluate import evaluate_scorers
     from nearid.stages.train import run_train
     from nearid.training.loop import steps_for
 
     root, _ = pipeline_run
     st = Storage.open(str(root))
     common = ["train.checkpoint_every_steps=2", "train.val_every_steps=2", "train.epochs=2", "train.mtg_repeat=0"]
-    final = run_train(cfg_for(root, *common), st, ray_local, None, run_name="publish-final")
+    cfg = cfg_for(root, *common)
+    final, again = (run_train(cfg, st, ray_local, None, run_name=f"publish-final-{k}") for k in "ab")
     n_items = st.read_table("items_tokens_train", columns=["id"]).num_rows
     total = steps_for(n_items, 16, 1, 2)
     assert final["mtg_items"] == 0
     assert final["published"]["which"] == "final" and final["published"]["step"] == total == final["metrics"]["step"]
-    saved = st.read_json("models/publish-final/train_summary.json")
+    saved = st.read_json("models/publish-final-a/train_summary.json")
     assert saved["published"] == final["published"]
-    card = (root / "models/publish-final/README.md").read_text()
+    card = (root / "models/publish-final-a/README.md").read_text()
     assert f"The final checkpoint: step {total}" in card
+    # same seed -> same loss and the same Table-1 row
+    assert final["metrics"]["loss"] == again["metrics"]["loss"]
+    rows = [evaluate_scorers(cfg, st, [f"nearid:{r['model_dir']}"], ray_local)["rows"][0] for r in (final, again)]
+    for key in ("nearid_ssr", "nearid_pa", "mtg_m_o", "db_m_h"):
+        assert round(rows[0][key], 2) == round(rows[1][key], 2), key
     best = run_train(cfg_for(root, *common, "train.publish=best"), st, ray_local, None, run_name="publish-best")
     assert best["published"]["which"] == "best"
     assert best["published"]["val"]["val_ssr"] >= best["metrics"]["val_ssr"]
     assert f"The best checkpoint: step {best['published']['step']}" in (root / "models/publish-best/README.md").read_text()
     NearIDModel.from_pretrained(str(root / "models/publish-best"))
-
-
-def test_same_seed_gives_the_same_model_and_table(pipeline_run, ray_local):
-    from nearid.stages.evaluate import evaluate_scorers
-    from nearid.stages.train import run_train
-
-    root, _ = pipeline_run
-    st = Storage.open(str(root))
-    cfg = cfg_for(root, "train.epochs=2")
-    runs = [run_train(cfg, st, ray_local, None, run_name=f"det-{k}") for k in "ab"]
-    assert runs[0]["metrics"]["loss"] == runs[1]["metrics"]["loss"]
-    rows = [evaluate_scorers(cfg, st, [f"nearid:{r['model_dir']}"], ray_local)["rows"][0] for r in runs]
-    for key in ("nearid_ssr", "nearid_pa", "mtg_m_o", "db_m_h"):
-        assert round(rows[0][key], 2) == round(rows[1][key], 2), key
 
 
 def test_backbone_in_the_loop_training_end_to_end(pipeline_run, ray_local):
