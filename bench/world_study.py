@@ -7,9 +7,11 @@ It mirrors the production path so that findings transfer: positives from `SynthW
 distractors of the default settings (flux: 1 change, sdxl: 2, powerpaint: 1) from the procedural
 backend fed by `near_identity_prompt` and composited with a 2-px dilated mask, seeded per
 (run seed, id, view, setting) like `stages.generate`; the head is trained on cached tokens with the
-same per-epoch draw (`training.items.draw_batch`), loss, AdamW, cosine warm-up and grad clip as
-`training.loop`. Prints one table: frozen map / mean readouts and the trained head, SSR/PA on
-the test and train splits, plus the trained head's win rate per changed attribute.
+same per-epoch draw (`training.items.draw_batch`) and loss as `training.loop`, through the same
+fitting core (`training.fit`: AdamW, cosine warm-up, the train step with its grad clip), so its
+numbers come from the production step. Prints one table: frozen map / mean readouts and the
+trained head, SSR/PA on the test and train splits, plus the trained head's win rate per changed
+attribute.
 """
 from __future__ import annotations
 
@@ -34,11 +36,13 @@ from nearid.stages.generate import row_seed
 from nearid.synth import SynthWorld
 from nearid.synth.grammar import describe, parse
 from nearid.synth.variation import changed_attributes
+from nearid.training import fit
 from nearid.training.items import N_VIEWS, draw_batch
 from nearid.training.validate import item_sims
 
 DEFAULT_SETTINGS = (("flux", 1), ("sdxl", 2), ("powerpaint", 1))
 CACHE_DIR = Path("/tmp/nearid_world_cache")
+N_POSITIVES, N_DISTRACTORS = 2, 3   # slots drawn per item: the production defaults (train config)
 
 
 @dataclass
@@ -79,6 +83,7 @@ class ModelConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
+    grad_clip: float = 1.0
     epochs: int = 8
     batch_size: int = 64
     train_seed: int = 0
@@ -197,19 +202,19 @@ def extract(data: WorldData, mc: ModelConfig, batch: int = 256):
 
 def train_head(backbone, tokens: torch.Tensor, ids: list[str], mc: ModelConfig,
                log_every: int = 0) -> tuple[MAPHead, float, list[float]]:
-    """Train a MAP head (started from the backbone's own) on cached tokens, like training.loop."""
+    """Train a MAP head (started from the backbone's own) on cached tokens with the production
+    step (`training.fit`: optimizer, schedule, step counts, the step itself)."""
     torch.manual_seed(mc.train_seed)
     head = MAPHead.from_backbone(backbone)
     head.train()
     loss_fn = build_loss(mc.loss, **mc.loss_params())
-    opt = torch.optim.AdamW(head.parameters(), lr=mc.lr, weight_decay=mc.weight_decay)
+    opt = fit.build_optimizer(head, mc, loss_fn)
     n = tokens.shape[0]
-    per = max(2, mc.batch_size)
-    steps_per_epoch = max(1, n // per)
-    total = steps_per_epoch * mc.epochs
-    from transformers import get_cosine_schedule_with_warmup
-
-    sched = get_cosine_schedule_with_warmup(opt, min(mc.warmup_steps, total // 2), total)
+    per = fit.per_worker_batch(mc.batch_size)
+    steps_per_epoch = fit.steps_per_epoch(n, mc.batch_size)
+    sched = fit.build_schedule(opt, mc, steps_per_epoch * mc.epochs)
+    step = fit.TrainStep(head, loss_fn, opt, sched, fit.build_scaler(None), clip_params=head.parameters(),
+                         grad_clip=mc.grad_clip, n_positives=N_POSITIVES)
     valid = np.ones((n, tokens.shape[1]), bool)
     id_arr = np.array(ids, dtype=object)
     losses = []
@@ -219,18 +224,10 @@ def train_head(backbone, tokens: torch.Tensor, ids: list[str], mc: ModelConfig,
         for b in range(steps_per_epoch):
             rows = order[b * per:(b + 1) * per]
             anchor, pos, pos_mask, neg, neg_mask = draw_batch(id_arr[rows], valid[rows], mc.train_seed,
-                                                              epoch, 2, 3)
+                                                              epoch, N_POSITIVES, N_DISTRACTORS)
             index = np.concatenate([anchor[:, None], pos, neg], axis=1)
-            sel = tokens[torch.as_tensor(rows)[:, None], torch.as_tensor(index)].float()
-            bsz, m = index.shape
-            emb = head(sel.reshape(bsz * m, *sel.shape[2:])).reshape(bsz, m, -1)
-            out = loss_fn(emb[:, 0], emb[:, 1:3], emb[:, 3:], pos_mask=torch.as_tensor(pos_mask),
-                          neg_mask=torch.as_tensor(neg_mask))
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            out, _ = step(tokens[torch.as_tensor(rows)[:, None], torch.as_tensor(index)].float(),
+                          pos_mask, neg_mask)
             losses.append(float(out.loss.detach()))
         if log_every and (epoch + 1) % log_every == 0:
             print(f"  epoch {epoch + 1}: loss {np.mean(losses[-steps_per_epoch:]):.3f}", flush=True)

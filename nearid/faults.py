@@ -7,9 +7,9 @@ runtime env, see `raytools.RUNTIME_ENV_KEYS`):
   first checkpoint at or past step n has been registered by the controller;
 - `tune:kill_driver_after_trials:<n>`: the sweep driver exits (137) once n trials are recorded as
   finished in the intact saved experiment state (what a restore will see).
-The worker-kill hook of the Ray Train failure test is armed by the loop config instead
-(`fault_kill_step`, `fault_marker`), and so is the pause of the tracking-server test
-(`fault_pause_steps`, `fault_pause_dir`).
+The worker-kill hook of the Ray Train failure test is armed by the loop spec instead
+(`training.spec.LoopSpec.fault_kill_step`, `fault_marker`; `run_train(extra_loop_config=...)`),
+and so is the pause of the tracking-server test (`fault_pause_steps`, `fault_pause_dir`).
 
 Each hook waits for a condition (a registered checkpoint, a recorded trial), never for a fixed
 time, so a loaded machine makes them slower, not wrong.
@@ -85,10 +85,11 @@ def train_kill_driver(step: int, driver_pid: int | None, rank: int, storage) -> 
     wait_until(lambda: False, timeout=WAIT_S, interval=1.0)
 
 
-def train_kill_worker(config: dict, step: int, rank: int, world: int, last_reported_step: int) -> None:
-    """`fault_kill_step`: kill the last worker once, at that step, after the controller has
-    registered the last checkpoint reported before it (a marker file makes it once)."""
-    kill_at, marker = config.get("fault_kill_step"), config.get("fault_marker")
+def train_kill_worker(spec, step: int, rank: int, world: int, last_reported_step: int) -> None:
+    """`spec.fault_kill_step` (a `training.spec.LoopSpec`): kill the last worker once, at that
+    step, after the controller has registered the last checkpoint reported before it (a marker
+    file, `spec.fault_marker`, makes it once)."""
+    kill_at, marker = spec.fault_kill_step, spec.fault_marker
     if not kill_at or step != kill_at or rank != world - 1 or not marker or os.path.exists(marker):
         return
     Path(marker).write_text("killed")
@@ -97,10 +98,10 @@ def train_kill_worker(config: dict, step: int, rank: int, world: int, last_repor
     os._exit(1)
 
 
-def train_pause_at_step(config: dict, step: int, rank: int) -> None:
-    """`fault_pause_steps` [s, ...] + `fault_pause_dir` D: rank 0 writes D/reached-<s> at step s and
-    waits until the test writes D/go-<s> (it stops or restarts a server in between)."""
-    steps, d = config.get("fault_pause_steps") or (), config.get("fault_pause_dir")
+def train_pause_at_step(spec, step: int, rank: int) -> None:
+    """`spec.fault_pause_steps` [s, ...] + `spec.fault_pause_dir` D: rank 0 writes D/reached-<s> at
+    step s and waits until the test writes D/go-<s> (it stops or restarts a server in between)."""
+    steps, d = spec.fault_pause_steps or (), spec.fault_pause_dir
     if rank != 0 or not d or step not in steps:
         return
     Path(d, f"reached-{step}").write_text(str(os.getpid()))

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 from nearid.config import Config, TrainConfig, config_to_dict, flatten
+from nearid.training.fit import steps_per_epoch
+from nearid.training.spec import LoopSpec
 from tune.search import (TIE_EPS, ChildRunSearcher, GridSearcher, TieBreakASHA,
                          build_searcher, tie_broken)
 from tune.space import (DIST_KINDS, REPO, RUN_KEY, SPACE_KEYS, TUNABLE_TRAIN,
@@ -54,9 +56,11 @@ class SweepInterrupted(RuntimeError):
 def run_trial(config: dict, base: dict) -> None:
     """Tune function trainable: one training run with the trial's hyper-parameters applied."""
     from nearid.training.loop import train_loop
+    from nearid.training.spec import LoopSpec
 
-    cfg = apply_trial(Config.model_validate_json(base["cfg"]), trial_params(config))
-    train_loop({**base, "cfg": cfg.model_dump_json(), "run_id": config.get(RUN_KEY), "context": "tune"})
+    spec = LoopSpec.from_dict(base)
+    cfg = apply_trial(spec.config(), trial_params(config))
+    train_loop(spec.with_(cfg=cfg.model_dump_json(), run_id=config.get(RUN_KEY), context="tune"))
 
 
 def plan_reports(n_items: int, train: TrainConfig, reports_per_epoch: int) -> tuple[int, int]:
@@ -65,9 +69,9 @@ def plan_reports(n_items: int, train: TrainConfig, reports_per_epoch: int) -> tu
     The sweep owns the cadence: trials validate and checkpoint every `reports_per_epoch`-th of an
     epoch (train.val_every_steps / checkpoint_every_steps are overridden), and train_loop also
     reports at the last step."""
-    steps_per_epoch = max(1, n_items // max(2, train.batch_size))
-    total = steps_per_epoch * train.epochs
-    every = max(1, steps_per_epoch // reports_per_epoch)
+    per_epoch = steps_per_epoch(n_items, train.batch_size, 1)
+    total = per_epoch * train.epochs
+    every = max(1, per_epoch // reports_per_epoch)
     return every, total // every + (1 if total % every else 0)
 
 
@@ -141,8 +145,8 @@ def run_sweep(cfg: Config, storage, ray, space_path: str | None = None, name: st
         tracker.set_tags({"tune.resumed": "true"})
     parent = meta["parent_run_id"]
 
-    base = {"cfg": base_cfg.model_dump_json(), "settings": settings, "items": items,
-            "val_items": val_items, "n_items": n_items, "tracking_uri": tracker.uri}
+    base = LoopSpec(cfg=base_cfg.model_dump_json(), settings=settings, items=items, val_items=val_items,
+                    n_items=n_items, tracking_uri=tracker.uri, context="tune").to_dict()
     resources = {"cpu": tc.cpus_per_trial, "gpu": tc.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), resources)
     exp_path = storage.path("tune", name)  # with storage_filesystem Ray wants the scheme-less path

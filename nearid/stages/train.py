@@ -116,6 +116,7 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
     from ray.train.torch import TorchTrainer
 
     from ..training.loop import train_loop
+    from ..training.spec import LoopSpec
 
     tc = cfg.train
     t0 = time.time()
@@ -140,14 +141,14 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
         tracker.log_params(flatten(config_to_dict(cfg)))
         tracker.log_params({"train.settings_resolved": ",".join(settings), "train.items": n_items,
                             "train.mtg_items": n_mtg})
-    loop_config = {"cfg": cfg.model_dump_json(), "settings": settings, "items": items,
-                   "val_items": val_items, "n_items": n_total, "run_id": run_id, "context": "train",
-                   "tracking_uri": tracker.uri if tracker is not None else None,
-                   "driver_pid": os.getpid(),
-                   **(extra_loop_config or {})}
+    spec = LoopSpec(cfg=cfg.model_dump_json(), settings=settings, items=items, val_items=val_items,
+                    n_items=n_total, run_id=run_id, context="train",
+                    tracking_uri=tracker.uri if tracker is not None else None, driver_pid=os.getpid())
+    # extra_loop_config: more LoopSpec fields (the tests' fault hooks); an unknown key is an error
+    spec = spec.with_(**(extra_loop_config or {}))
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=spec.to_dict(),   # Ray Train hands its workers a dict
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(

@@ -1,8 +1,10 @@
 """The training loop: one function used by Ray Train workers (DDP), Tune trials and tests.
 
-`train_loop(config)` reads its context: inside a Ray Train worker it takes its data shard from
-`ray.train.get_dataset_shard("train")` and reports to Ray Train; inside a Tune trial it streams
-the items table itself and reports to Tune; with neither it runs in-process (tests).
+`train_loop(spec)` (a `spec.LoopSpec`, or its dict) reads its context: inside a Ray Train worker
+it takes its data shard from `ray.train.get_dataset_shard("train")` and reports to Ray Train;
+inside a Tune trial it streams the items table itself and reports to Tune; with neither it runs
+in-process (tests). The step itself, the optimizer, the schedule and the step counts are
+`training.fit`'s.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,9 @@ import torch
 from .. import faults
 from ..config import Config
 from ..schema import column_to_numpy, unflatten_tokens
+from . import fit
 from .items import batches_in_epoch_order, draw_batch, item_sources
+from .spec import LoopSpec
 from .state import load_training_state, save_training_state
 from .validate import embed_items, item_sims, score_sims
 
@@ -149,20 +154,41 @@ def _validate(head, storage, cfg: Config, val_table: str, sources, settings, tok
     return score_sims(item_sims(ids, emb, valid, sources, settings))
 
 
-def train_loop(config: dict) -> dict:
-    """config: {"cfg": Config json, "settings": [...], "items": table, "val_items": table,
-    "n_items": int, "run_id": mlflow run or None, "context": "train"|"tune"|"local",
-    "out_dir": for local runs, "fault_kill_step": int|None, "fault_marker": path}."""
+@dataclass
+class LoopState:
+    """What lives for the whole run and every report needs: where it runs, the model and its
+    optimizer state, the data it validates on, the progress saved with each checkpoint."""
+
+    ctx: Context
+    spec: LoopSpec
+    cfg: Config
+    storage: object
+    model: object
+    head: torch.nn.Module
+    token_source: TokenSource
+    sources: list
+    settings: list
+    opt: torch.optim.Optimizer
+    sched: object
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    progress: dict
+    tracker: object = None
+
+
+def train_loop(config: dict | LoopSpec) -> dict:
+    """config: a `LoopSpec` or its `to_dict()` (what Ray Train and Tune hand the workers)."""
     from ..losses import build_loss
     from ..model import NearIDModel
     from ..backbone import backbone_kwargs
 
-    cfg = Config.model_validate_json(config["cfg"])
+    spec = config if isinstance(config, LoopSpec) else LoopSpec.from_dict(config)
+    cfg = spec.config()
     tc = cfg.train
-    ctx = Context(config.get("context", "local"), config.get("out_dir"))
+    ctx = Context(spec.context, spec.out_dir)
     torch.manual_seed(tc.seed)
     storage = _open_storage(cfg)
-    settings = list(config["settings"])
+    settings = list(spec.settings)
     sources = item_sources(settings)
     input_mode = tc.input_mode
     use_cuda = tc.use_gpu and torch.cuda.is_available()
@@ -181,18 +207,16 @@ def train_loop(config: dict) -> dict:
         ddp_head = rtt.prepare_model(head, move_to_device=False)
     loss_fn = build_loss(tc.loss.name, **tc.loss.params)
     loss_fn.to(device)
-    # a loss with learnable parameters (SigLIP's scale and bias) trains them with the head
-    opt = torch.optim.AdamW([*head.parameters(), *loss_fn.parameters()], lr=tc.lr, weight_decay=tc.weight_decay)
-    per_worker = max(2, tc.batch_size // ctx.world)
-    steps_per_epoch = max(1, config["n_items"] // (per_worker * ctx.world))
-    total_steps = steps_per_epoch * tc.epochs
-    from transformers import get_cosine_schedule_with_warmup
-
-    sched = get_cosine_schedule_with_warmup(opt, min(tc.warmup_steps, total_steps // 2), total_steps)
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.precision) if use_cuda else None
-    if use_cuda and tc.precision == "auto":
-        amp_dtype = torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    opt = fit.build_optimizer(head, tc, loss_fn)
+    per_worker = fit.per_worker_batch(tc.batch_size, ctx.world)
+    per_epoch = fit.steps_per_epoch(spec.n_items, tc.batch_size, ctx.world)
+    total_steps = per_epoch * tc.epochs
+    sched = fit.build_schedule(opt, tc, total_steps)
+    dtype = fit.amp_dtype(tc.precision, use_cuda)
+    scaler = fit.build_scaler(dtype)
+    train_step = fit.TrainStep(ddp_head, loss_fn, opt, sched, scaler, clip_params=head.parameters(),
+                               grad_clip=tc.grad_clip, n_positives=tc.n_positives, device=device,
+                               dtype=dtype, fast=tc.fast_head)
     token_source = TokenSource(tc.input_mode, model.backbone, device)
 
     progress = {"epoch": 0, "step": 0, "best_val_ssr": -1.0, "resumed_from_step": 0}
@@ -208,15 +232,17 @@ def train_loop(config: dict) -> dict:
         log.info("resumed from checkpoint at epoch %s step %s", progress["epoch"], progress["step"])
 
     tracker = None
-    if ctx.rank == 0 and config.get("run_id"):
+    if ctx.rank == 0 and spec.run_id:
         from ..tracking import Tracker
 
-        tracker = Tracker(config.get("tracking_uri"), cfg.tracking.experiment, cfg.tracking.enabled,
+        tracker = Tracker(spec.tracking_uri, cfg.tracking.experiment, cfg.tracking.enabled,
                           cfg.tracking.retries)
-        tracker.attach(config["run_id"])
+        tracker.attach(spec.run_id)
+    state = LoopState(ctx, spec, cfg, storage, model, head, token_source, sources, settings, opt, sched,
+                      scaler, per_epoch, progress, tracker)
 
-    val_every = tc.val_every_steps or steps_per_epoch
-    ckpt_every = tc.checkpoint_every_steps or steps_per_epoch
+    val_every = tc.val_every_steps or per_epoch
+    ckpt_every = tc.checkpoint_every_steps or per_epoch
     last: dict = {}
     step = progress["step"]
     t_start = time.time()
@@ -227,11 +253,11 @@ def train_loop(config: dict) -> dict:
             tables = ray.train.get_dataset_shard("train").iter_batches(
                 batch_size=max(per_worker, 256), batch_format="pyarrow")
         else:   # Tune trials and tests stream the items table with pyarrow
-            tables = storage.dataset(config["items"]).to_batches()
+            tables = storage.dataset(spec.items).to_batches()
         it = _epoch_batches(tables, tc, epoch, per_worker, input_mode, head.hidden_size)
-        skip = step - epoch * steps_per_epoch  # resumed mid-epoch: skip the batches already seen
+        skip = step - epoch * per_epoch  # resumed mid-epoch: skip the batches already seen
         for b_idx, batch in enumerate(it):
-            if b_idx >= steps_per_epoch:
+            if b_idx >= per_epoch:
                 break
             if b_idx < skip:
                 continue
@@ -240,24 +266,10 @@ def train_loop(config: dict) -> dict:
             anchor, pos, pos_mask, neg, neg_mask = draw_batch(
                 batch["id"], valid, tc.seed, epoch, tc.n_positives, tc.n_distractors)
             index = np.concatenate([anchor[:, None], pos, neg], axis=1)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                tokens = token_source(batch, index)
-                b, m = index.shape
-                emb = ddp_head(tokens.reshape(b * m, *tokens.shape[2:]), fast=tc.fast_head).float().reshape(b, m, -1)
-            P = tc.n_positives
-            out = loss_fn(emb[:, 0], emb[:, 1:1 + P], emb[:, 1 + P:],
-                          pos_mask=torch.tensor(pos_mask, device=device),
-                          neg_mask=torch.tensor(neg_mask, device=device))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(head.parameters(), tc.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            out, gnorm = train_step(lambda: token_source(batch, index), pos_mask, neg_mask)
             step += 1
-            faults.train_kill_worker(config, step, ctx.rank, ctx.world, progress["step"])  # the last reported step
-            faults.train_pause_at_step(config, step, ctx.rank)
+            faults.train_kill_worker(spec, step, ctx.rank, ctx.world, progress["step"])  # the last reported step
+            faults.train_pause_at_step(spec, step, ctx.rank)
             metrics = {"loss": float(out.loss.detach()), "lr": sched.get_last_lr()[0], "grad_norm": float(gnorm),
                        "epoch": epoch, "step": step, **{f"loss_{k}": v for k, v in out.terms.items()}}
             if tracker is not None and step % 5 == 0:
@@ -266,13 +278,11 @@ def train_loop(config: dict) -> dict:
             if at_end and tracker is not None:
                 metrics["train_seconds"] = round(time.time() - t_start, 2)
             if step % val_every == 0 or step % ckpt_every == 0 or at_end:
-                last = _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings,
-                                            token_source, model, opt, sched, scaler, metrics,
-                                            epoch, step, steps_per_epoch, progress, tracker)
+                last = _evaluate_and_report(state, metrics, epoch, step)
                 if ctx.rank == 0:
                     print(progress_line(last, tc.epochs, total_steps, time.time() - t_start,
                                         step - progress["resumed_from_step"]), flush=True)
-                faults.train_kill_driver(step, config.get("driver_pid"), ctx.rank, storage)
+                faults.train_kill_driver(step, spec.driver_pid, ctx.rank, storage)
         if step >= total_steps:
             break
     last["train_seconds"] = round(time.time() - t_start, 2)
@@ -281,12 +291,14 @@ def train_loop(config: dict) -> dict:
     return last
 
 
-def _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings, token_source, model,
-                         opt, sched, scaler, metrics, epoch, step, steps_per_epoch, progress, tracker):
-    val = _validate(head, storage, cfg, config["val_items"], sources, settings, token_source) \
-        if ctx.rank == 0 else {}
+def _evaluate_and_report(state: LoopState, metrics: dict, epoch: int, step: int) -> dict:
+    """Validate (rank 0), update the progress, log val metrics and (last report) the outbox's
+    lost count, save the checkpoint and report it to Ray Train / Tune / the local list."""
+    ctx, progress, tracker = state.ctx, state.progress, state.tracker
+    val = _validate(state.head, state.storage, state.cfg, state.spec.val_items, state.sources,
+                    state.settings, state.token_source) if ctx.rank == 0 else {}
     metrics = {**metrics, **val}
-    done_epoch = epoch + 1 if step % steps_per_epoch == 0 else epoch
+    done_epoch = epoch + 1 if step % state.steps_per_epoch == 0 else epoch
     progress.update({"epoch": done_epoch, "step": step,
                      "best_val_ssr": max(progress["best_val_ssr"], val.get("val_ssr", -1.0))})
     metrics["resumed_from_step"] = progress["resumed_from_step"]
@@ -299,9 +311,9 @@ def _evaluate_and_report(ctx, config, cfg, head, storage, sources, settings, tok
     with tempfile.TemporaryDirectory() as tmp:
         ckpt_dir = None
         if ctx.rank == 0:
-            model.head = head
-            model.save_pretrained(tmp, metrics={k: v for k, v in val.items() if not k.endswith("rows")})
-            save_training_state(tmp, opt, sched, scaler, progress)
+            state.model.head = state.head
+            state.model.save_pretrained(tmp, metrics={k: v for k, v in val.items() if not k.endswith("rows")})
+            save_training_state(tmp, state.opt, state.sched, state.scaler, progress)
             ckpt_dir = tmp
         ctx.report(metrics, ckpt_dir)
         if ctx.kind == "local" and ckpt_dir and ctx.out_dir:
@@ -334,6 +346,6 @@ def check_train_only(batch: dict) -> None:
 
 
 def steps_for(n_items: int, batch_size: int, world: int, epochs: int) -> int:
-    per = max(2, batch_size // world)
-    return max(1, n_items // (per * world)) * epochs
+    """Total optimizer steps of a run (`fit.steps_per_epoch` x epochs)."""
+    return fit.steps_per_epoch(n_items, batch_size, world) * epochs
 
