@@ -6,7 +6,7 @@ import json
 from nearid.launch import run_entry
 from jobs._common import parse
 from nearid.raytools import init_ray
-from nearid.stages.generate import log_generation, run_generate, validate_generation
+from nearid.stages.generate import run_generate
 from nearid.tracking import Tracker
 
 
@@ -18,12 +18,8 @@ def _extra(p):
 def main(argv=None) -> dict:
     args, cfg, storage = parse("generate", __doc__, argv, _extra)
     ray = init_ray(cfg)
-    summary = run_generate(cfg, storage, ray, args.settings, args.chunk_rows)
-    settings = [s for s in summary if s != "seconds"]
-    check = validate_generation(storage, settings, cfg.generate.mask_dilation, cfg.generate.validate_sample)
-    summary["validation"] = check["metrics"]
-    log_generation(Tracker.from_config(cfg, storage), cfg, storage, summary, check)
-    storage.write_json("distractors/_SUCCESS.json", summary)
+    summary = run_generate(cfg, storage, ray, args.settings, args.chunk_rows,
+                           tracker=Tracker.from_config(cfg, storage))
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -13,7 +13,7 @@ from jobs._common import parse
 from nearid.raytools import init_ray
 from nearid.stages.evaluate_report import run_evaluate
 from nearid.stages.extract import run_extract
-from nearid.stages.generate import log_generation, run_generate, validate_generation
+from nearid.stages.generate import run_generate
 from nearid.stages.synth import run_synth
 from nearid.stages.train import run_train
 from nearid.config import config_to_dict, flatten
@@ -64,14 +64,6 @@ def main(argv=None) -> dict:
         print(f"=== {name} done in {timings[name]}s", flush=True)
         return res
 
-    def generate(t):
-        res = run_generate(cfg, storage, ray)
-        check = validate_generation(storage, list(cfg.generate.settings), cfg.generate.mask_dilation,
-                                    cfg.generate.validate_sample)
-        res["validation"] = check["metrics"]
-        log_generation(t, cfg, storage, res, check)
-        return res
-
     model_rel = f"models/{cfg.run.name}-train"
 
     def train(t):
@@ -93,7 +85,7 @@ def main(argv=None) -> dict:
         tracker.log_params(flatten(config_to_dict(cfg)))
         if args.source == "synth":
             out["synth"] = stage("synth", lambda t: run_synth(cfg, storage, ray))
-        out["generate"] = stage("generate", generate, own_run=True)
+        out["generate"] = stage("generate", lambda t: run_generate(cfg, storage, ray, tracker=t), own_run=True)
         out["extract"] = stage("extract", lambda t: run_extract(cfg, storage, ray))
         out["train"] = stage("train", train, own_run=True)
         if "tune" in args.stages:

@@ -11,7 +11,7 @@ import sys
 from .checks import check_config, check_scorers
 from .preflight import EndpointError, check_endpoints
 from .config import ConfigError, add_config_args, dump_yaml, load_config
-from .storage import DuplicateKeys, Storage, StorageError, TableCorrupt
+from .storage import DuplicateKeys, Storage, StorageError, StorageRefused, TableCorrupt
 
 USER_ERRORS = (ConfigError, StorageError, EndpointError, FileNotFoundError)
 
@@ -84,13 +84,14 @@ def setup(stage: str, args) -> tuple:
 def _user_error_types() -> tuple:
     from .images import BadImage
 
-    return (*USER_ERRORS, BadImage, ValueError, IsADirectoryError, PermissionError)
+    return (*USER_ERRORS, StorageRefused, BadImage, ValueError, IsADirectoryError, PermissionError)
 
 
 def run_entry(main, argv=None) -> int:
     """Run a job's or the CLI's main: a user mistake found at run time (a missing image or model
-    dir, an undecodable file, a bad value) ends as one `error:` line and exit 2; `--debug` (or
-    NEARID_DEBUG=1) shows the traceback instead."""
+    dir, an undecodable file, a bad value) ends as one `error:` line and exit 2, a refused write
+    (`StorageRefused`) as one line and exit 3; `--debug` (or NEARID_DEBUG=1) shows the traceback
+    instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("NEARID_DEBUG") == "1"
     try:
@@ -100,5 +101,5 @@ def run_entry(main, argv=None) -> int:
             raise
         msg = str(e).strip() or type(e).__name__
         print(f"error: {msg}" if not msg.startswith("error:") else msg, file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     return out if isinstance(out, int) else 0

@@ -34,6 +34,13 @@ class StorageError(RuntimeError):
     """Storage cannot be reached or used; the message names the endpoint/path and what to check."""
 
 
+class StorageRefused(RuntimeError):
+    """A stage refuses to write more than the configured limit (the extract stage's token cache
+    above `extract.max_storage_gb`); an entry point ends with exit code 3."""
+
+    exit_code = 3
+
+
 class TableCorrupt(StorageError):
     """A part of a table is missing, truncated, altered or unreadable; names the parts."""
 

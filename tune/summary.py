@@ -125,11 +125,9 @@ def ablation_frame(rows: list[dict], split: str) -> pd.DataFrame:
 def hparam_figure(rows: list[dict], metric: str):
     """One scatter panel per hyper-parameter (x: value, y: the trial's best metric), one marker
     colour per loss; log x for parameters that span more than a decade."""
-    import matplotlib
+    from nearid.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = sorted({k for r in rows for k in r["params"]})
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     colours = {loss: plt.cm.tab10(i % 10) for i, loss in enumerate(losses)}
@@ -200,9 +198,9 @@ def _summarise(grid, cfg, base_cfg, storage, tracker, space, name, max_t, t0) ->
     if buf_path:
         fig.savefig(buf_path, dpi=110)
     tracker.log_figure(fig, f"plots/hparams_vs_{tc.metric}.png")
-    import matplotlib.pyplot as plt
+    from nearid.report import pyplot
 
-    plt.close(fig)
+    pyplot().close(fig)
     stopped = sum(r["outcome"] == "stopped_early" for r in rows)
     errors = sum(r["outcome"] == "error" for r in rows)
     best_cfg = best["config"]

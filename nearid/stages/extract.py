@@ -17,16 +17,13 @@ from ..backbone import backbone_kwargs, torch_dtype  # noqa: F401 (re-exported f
 from ..devices import to_host
 from ..images import BadImage, decode_image
 from ..leases import stage_leases
+from ..storage import StorageRefused  # noqa: F401 (raised here; re-exported)
 from ..raytools import chunks, fault_point, record_placement, write_dataset
 from ..schema import (DISTRACTORS, FEATURE_KEY, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
                       make_key, tensor_column)
 
 log = logging.getLogger("nearid.extract")
 MTG_VIEWS = ("image_1", "image_2", "image_1p", "image_2p")
-
-
-class StorageRefused(RuntimeError):
-    """The estimated token cache is larger than the configured limit."""
 
 
 
@@ -264,11 +261,18 @@ def estimate_bytes(n_rows: int, num_tokens: int, dim: int) -> int:
     return n_rows * num_tokens * dim * 2
 
 
-def run_extract(cfg, storage, ray, out_table: str = "features", chunk_rows: int = 4000,
+def run_extract(cfg, storage, ray, out_table: str | None = None, chunk_rows: int = 4000,
                 allow_large: bool | None = None) -> dict:
-    """Extract what is missing, holding the lease of `out_table` from reading its keys to the end."""
+    """Extract what is missing, holding the lease of `out_table` from reading its keys to the end.
+    out_table: default `features`, or `embeddings` with `extract.model_dir` (a trained model's
+    embeddings only). Over `extract.max_storage_gb` it raises `StorageRefused` (entry points: exit 3)."""
+    out_table = out_table or default_out_table(cfg)
     with stage_leases(storage, cfg, "extract", {out_table: FEATURE_KEY}):
         return _run_extract(cfg, storage, ray, out_table, chunk_rows, allow_large)
+
+
+def default_out_table(cfg) -> str:
+    return "embeddings" if cfg.extract.model_dir else "features"
 
 
 def _run_extract(cfg, storage, ray, out_table: str, chunk_rows: int, allow_large: bool | None) -> dict:

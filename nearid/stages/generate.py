@@ -114,10 +114,24 @@ def _write_rejects(storage, stage: str, rows: list[dict]) -> None:
         storage.write_table(REJECTS, pa.Table.from_pylist(rows, schema=REJECTS.schema))
 
 
-def run_generate(cfg, storage, ray, settings: list[str] | None = None, chunk_rows: int = 2000) -> dict:
-    """Generate what is missing, holding the `distractors` lease from reading its keys to the end."""
+def run_generate(cfg, storage, ray, settings: list[str] | None = None, chunk_rows: int = 2000,
+                 tracker=None) -> dict:
+    """Generate what is missing, holding the `distractors` lease from reading its keys to the end.
+
+    With a tracker (the job, the pipeline: the whole stage) it then checks a sample of every
+    setting (`validate_generation`), logs the generation run (`log_generation`) and records the
+    check as `validation` in the summary and in `distractors/_SUCCESS.json`."""
     with stage_leases(storage, cfg, "generate", {DISTRACTORS.name: DISTRACTORS.key}):
-        return _run_generate(cfg, storage, ray, settings, chunk_rows)
+        summary = _run_generate(cfg, storage, ray, settings, chunk_rows)
+    if tracker is None:
+        return summary
+    g = cfg.generate
+    check = validate_generation(storage, [s for s in summary if s != "seconds"], g.mask_dilation,
+                                g.validate_sample)
+    summary["validation"] = check["metrics"]
+    log_generation(tracker, cfg, storage, summary, check)
+    storage.mark_done(DISTRACTORS.name, summary)
+    return summary
 
 
 def _run_generate(cfg, storage, ray, settings: list[str] | None, chunk_rows: int) -> dict:
