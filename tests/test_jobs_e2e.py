@@ -456,13 +456,12 @@ def test_tracking_server_stopped_and_restarted_mid_training(pipeline_run, tmp_pa
 
     root, _ = pipeline_run
     st = Storage.open(str(root))
-    per_epoch = steps_for(st.read_table("items_tokens_train", columns=["id"]).num_rows, 16, 1, 1)
-    epochs = -(-16 // per_epoch)
-    total = per_epoch * epochs
+    epochs = 16    # >= 1 step per epoch, so the run outlasts both pauses
     port, db, slog = free_port(), tmp_path / "mlflow.db", tmp_path / "mlflow-server.log"
     server, healthy = _mlflow_server(db, port, slog)
     uri = f"http://127.0.0.1:{port}"
-    cfg = cfg_for(root, f"train.epochs={epochs}", f"tracking.uri={uri}", "tracking.experiment=restart")
+    cfg = cfg_for(root, f"train.epochs={epochs}", "train.mtg_repeat=0", "train.val_every_steps=8",
+                  "train.checkpoint_every_steps=8", f"tracking.uri={uri}", "tracking.experiment=restart")
     pause = tmp_path / "pause"
     pause.mkdir()
     box: dict = {}
@@ -494,7 +493,9 @@ def test_tracking_server_stopped_and_restarted_mid_training(pipeline_run, tmp_pa
         server.wait(timeout=60)
     assert not th.is_alive() and "error" not in box, box
     summary = box["summary"]
-    assert summary["metrics"]["step"] == total
+    # the items table this run built (other tests rebuild it with other settings)
+    total = steps_for(st.read_table("items_tokens_train", columns=["id"]).num_rows, 16, 1, epochs)
+    assert summary["metrics"]["step"] == total >= 16
     assert st.exists("models/server-restart/model.safetensors")
     assert summary["mlflow"]["lost_points"] == 0, summary["mlflow"]
     # read back from the same store (the server is gone): every 5th step is there, none twice
