@@ -1,6 +1,11 @@
 """Feature extraction: the Ray Data job vs a bare single-process torch loop, same images, same
 model, same batch size, same torch threads. Prints images/s of both and the ratio.
 
+Both are timed end to end from "load the model" to "table in memory / on disk", at two sizes
+(`--images` and a quarter of it), interleaved: the end-to-end ratio at the large size, and the
+marginal ratio (extra images / extra seconds between the two sizes), in which every fixed cost
+(actor start, model load, planning) cancels: what Ray Data costs per image.
+
     .venv/bin/python -m bench.bench_extract [--images 1536] [--batch 128] [--actors 1 2]
 """
 from __future__ import annotations
@@ -27,10 +32,11 @@ from nearid.storage import Storage
 
 
 def bare_loop(cfg, images: list[bytes], batch: int) -> float:
+    """Seconds for the whole loop, model load included (the job pays it too, in its actor)."""
     torch.set_num_threads(1)
+    t0 = time.perf_counter()
     processor = build_processor(cfg.extract)
     backbone, _ = load_scorer(cfg.extract)
-    t0 = time.perf_counter()
     for s in range(0, len(images), batch):
         imgs = [decode_image(b) for b in images[s:s + batch]]
         pix = torch.tensor(processor(images=imgs, return_tensors="np")["pixel_values"])
@@ -40,10 +46,11 @@ def bare_loop(cfg, images: list[bytes], batch: int) -> float:
         first = next(iter(ro.values()))
         pa.table({"tokens": tensor_column(tok.numpy()),
                   "embedding": embedding_column(torch.nn.functional.normalize(first, dim=-1).numpy())})
-    return len(images) / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def ray_job(cfg, root: str, actors: int, batch: int) -> float:
+    """Seconds for `run_extract` on `root`'s positives (every image written)."""
     import ray
 
     c = cfg.model_copy(deep=True)
@@ -53,16 +60,18 @@ def ray_job(cfg, root: str, actors: int, batch: int) -> float:
     st.delete_dir("features")
     t0 = time.perf_counter()
     run_extract(c, st, ray, chunk_rows=10**9)
-    n = st.read_table("features", columns=["id"]).num_rows
-    return n / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    assert st.read_table("features", columns=["id"]).num_rows == st.read_table("positives", columns=["id"]).num_rows
+    return seconds
 
 
-def write_world_positives(cfg, root: str) -> list[bytes]:
-    """Render the config's synthetic world into `root`'s positives table; returns the image bytes."""
+def write_world_positives(cfg, root: str, n: int | None = None) -> list[bytes]:
+    """Render the config's synthetic world (its first `n` images) into `root`'s positives table;
+    returns the image bytes."""
     from nearid.schema import POSITIVES
 
     world = make_world(cfg)
-    rows = list(world.positives_rows(world.ids()))
+    rows = list(world.positives_rows(world.ids()))[:n]
     Storage.open(root).write_table(POSITIVES, pa.Table.from_pylist(
         [{k: r[k] for k in POSITIVES.columns} for r in rows], schema=POSITIVES.schema))
     return [r["image"] for r in rows]
@@ -73,12 +82,13 @@ def main() -> None:
     p.add_argument("--images", type=int, default=1536)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--actors", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--reps", type=int, default=2)
     p.add_argument("--backbone", default=None,
                    help="e.g. dinov2-small@112: a model whose cost dominates (default: the config's)")
     p.add_argument("--resolution", type=int, default=None, help="rendered image size (synth.resolution)")
     args = p.parse_args()
-    root = tempfile.mkdtemp(prefix="bench-extract-")
-    sets = [f"run.root={root}", f"synth.n_identities={args.images // 3}"]
+    big_root, small_root = tempfile.mkdtemp(prefix="bench-extract-"), tempfile.mkdtemp(prefix="bench-extract-")
+    sets = [f"run.root={big_root}", f"synth.n_identities={-(-args.images // 3)}"]
     if args.backbone:
         sets.append(f"extract.backbone.name={args.backbone}")
         if args.backbone.startswith("dinov2"):
@@ -86,27 +96,49 @@ def main() -> None:
     if args.resolution:
         sets.append(f"synth.resolution={args.resolution}")
     cfg = load_config("configs/local.yaml", sets)
-    images = write_world_positives(cfg, root)
+    images = {"big": write_world_positives(cfg, big_root, args.images)}
+    images["small"] = write_world_positives(cfg, small_root, max(args.batch, args.images // 4))
+    roots = {"big": big_root, "small": small_root}
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    print(f"{len(images)} images, {cfg.extract.backbone.name} {cfg.extract.backbone.tiny or ''}, batch {args.batch}, "
-          f"1 torch thread per worker, {os.cpu_count()} cores")
-    ray_job(cfg, root, 1, args.batch)  # warm-up: worker processes, imports
-    results = []
-    for rep in range(2):  # interleaved, the machine is noisy
-        bare = bare_loop(cfg, images, args.batch)
-        for a in args.actors:
-            results.append((rep, a, bare, ray_job(cfg, root, a, args.batch)))
-    print("| actors | bare loop img/s | Ray Data job img/s | job / bare |")
-    print("|---|---|---|---|")
-    for a in args.actors:
-        b = np.median([r[2] for r in results if r[1] == a])
-        j = np.median([r[3] for r in results if r[1] == a])
-        print(f"| {a} | {b:.0f} | {j:.0f} | {j / b:.2f} |")
+    b = cfg.extract.backbone
+    model = b.name + (f" {b.tiny}" if b.name == "tiny-random" else "")
+    print(f"{len(images['small'])} and {len(images['big'])} images, {model}, {cfg.synth.resolution} px, "
+          f"batch {args.batch}, 1 torch thread per worker, {os.cpu_count()} cores")
+    ray_job(cfg, small_root, 1, args.batch)  # warm-up: worker processes, imports
+    secs: dict = {}
+    for _ in range(args.reps):  # interleaved, the machine is noisy
+        for size in ("small", "big"):
+            secs.setdefault(("bare", size), []).append(bare_loop(cfg, images[size], args.batch))
+            for a in args.actors:
+                secs.setdefault((a, size), []).append(ray_job(cfg, roots[size], a, args.batch))
+    print(summary_table(secs, len(images["small"]), len(images["big"]), args.actors))
     ray.shutdown()
-    shutil.rmtree(root, ignore_errors=True)
+    for r in roots.values():
+        shutil.rmtree(r, ignore_errors=True)
+
+
+def summary_table(secs: dict, n_small: int, n_big: int, actors: list[int]) -> str:
+    """Median seconds per (who, size) -> the README table: end-to-end img/s at the big size and the
+    marginal img/s between the sizes (fixed costs cancel), for the bare loop and each actor count."""
+    med = {k: float(np.median(v)) for k, v in secs.items()}
+
+    def rates(who):
+        end_to_end = n_big / med[(who, "big")]
+        marginal = (n_big - n_small) / max(1e-9, med[(who, "big")] - med[(who, "small")])
+        fixed = med[(who, "small")] - n_small / marginal
+        return end_to_end, marginal, fixed
+
+    bare = rates("bare")
+    lines = ["| actors | bare loop img/s | Ray Data job img/s | job / bare | marginal img/s bare / job | "
+             "marginal job / bare | fixed s bare / job |", "|---|---|---|---|---|---|---|"]
+    for a in actors:
+        job = rates(a)
+        lines.append(f"| {a} | {bare[0]:.1f} | {job[0]:.1f} | {job[0] / bare[0]:.2f} | {bare[1]:.1f} / {job[1]:.1f} | "
+                     f"{job[1] / bare[1]:.2f} | {bare[2]:.0f} / {job[2]:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

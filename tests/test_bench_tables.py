@@ -1,0 +1,13 @@
+"""Known answers for the arithmetic behind the README's performance rows (no timing here)."""
+from bench.bench_extract import summary_table
+
+
+def test_marginal_rate_cancels_the_fixed_cost():
+    # bare: 2 s fixed + 10 img/s; job: 30 s fixed + 9 img/s -> marginal ratio 0.90, fixed 2 / 30
+    secs = {("bare", "small"): [2 + 240 / 10], ("bare", "big"): [2 + 960 / 10, 500.0, 2 + 960 / 10],
+            (1, "small"): [30 + 240 / 9], (1, "big"): [30 + 960 / 9]}
+    row = summary_table(secs, 240, 960, [1]).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "1"
+    assert cells[1] == f"{960 / 98:.1f}" and cells[2] == f"{960 / (30 + 960 / 9):.1f}"   # medians, end to end
+    assert cells[4] == "10.0 / 9.0" and cells[5] == "0.90" and cells[6] == "2 / 30"
