@@ -413,8 +413,12 @@ def test_pool_shape_follows_the_cluster():
     assert pool_shape(e, {"GPU": 2, "CPU": 64}) == {"model_actors": 2, "decode_actors": 8}
     fixed = load_config(None, ["extract.num_actors=3", "extract.decode_actors=5"]).extract
     assert pool_shape(fixed, {"CPU": 2}) == {"model_actors": 3, "decode_actors": 5}
+    # a model on the CPU: one decoder per model actor (decode is ~1/10 of its cost)
     cpu_only = load_config(None, []).extract
-    assert pool_shape(cpu_only, {"CPU": 4}) == {"model_actors": 1, "decode_actors": 4}
+    assert pool_shape(cpu_only, {"CPU": 4}) == {"model_actors": 1, "decode_actors": 1}
+    cpu_three = load_config(None, ["extract.num_actors=3", "extract.cpus_per_actor=4"]).extract
+    assert pool_shape(cpu_three, {"CPU": 32}) == {"model_actors": 3, "decode_actors": 3}
+    assert pool_shape(cpu_three, {"CPU": 12}) == {"model_actors": 3, "decode_actors": 1}
 
 
 @pytest.mark.slow

@@ -252,8 +252,11 @@ def pool_shape(e, resources: dict) -> dict:
     gpus, cpus = float(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     model = e.num_actors or (max(1, int(gpus // e.gpus_per_actor)) if e.gpus_per_actor > 0 else 1)
     free = max(e.decode_cpus, cpus - model * e.cpus_per_actor - 0.5)   # 0.5: read/write tasks
-    # a few decoders per model actor keep it fed (CPU decode/resize is ~10x cheaper than the model)
-    decode = e.decode_actors or max(1, min(4 * model, int(free // e.decode_cpus)))
+    # decode/resize costs ~1/10 of a CPU forward pass: one decoder per CPU model actor keeps it fed,
+    # and every extra one only takes CPU (its start-up: a process importing transformers) from the
+    # model (bench.bench_extract). A GPU eats images far faster than one decoder makes them: up to 4.
+    per_model = 4 if e.gpus_per_actor > 0 else 1
+    decode = e.decode_actors or max(1, min(per_model * model, int(free // e.decode_cpus)))
     return {"model_actors": model, "decode_actors": decode}
 
 
