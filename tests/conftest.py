@@ -13,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # a stall detector, not a speed limit: wide because CI may share a loaded box (pytest-timeout bounds tests)
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "600")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray renices every worker and actor process to 15 (RayConfig worker_niceness) so a node's own
+# services win; on a CI box shared with other CPU work (nice 0) that leaves the suite's Ray work
+# ~3 % of a core and a 2-minute stage takes an hour. The tests' workers run at the driver's
+# priority instead (the setting travels to the runtimes the tests start: in-process, `ray start`
+# heads and job subprocesses all inherit this environment). Clusters keep Ray's default.
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 def free_port() -> int:
