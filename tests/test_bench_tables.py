@@ -11,3 +11,17 @@ def test_marginal_rate_cancels_the_fixed_cost():
     assert cells[0] == "1"
     assert cells[1] == f"{960 / 98:.1f}" and cells[2] == f"{960 / (30 + 960 / 9):.1f}"   # medians, end to end
     assert cells[4] == "10.0 / 9.0" and cells[5] == "0.90" and cells[6] == "2 / 30"
+
+
+def test_the_neighbour_control_compares_the_job_with_the_slowed_bare_loop():
+    # bare alone 10 img/s; bare next to a busy decoder 8 img/s; job 7.6 img/s -> 0.76 and 0.95
+    secs = {("bare", "small"): [240 / 10], ("bare", "big"): [960 / 10],
+            ("neighbour", "small"): [1 + 240 / 8], ("neighbour", "big"): [1 + 960 / 8],
+            (1, "small"): [20 + 240 / 7.6], (1, "big"): [20 + 960 / 7.6]}
+    head, sep, row = summary_table(secs, 240, 960, [1]).splitlines()
+    assert head.count("|") == sep.count("|") == row.count("|") == 10
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "0.76" and cells[7] == "8.0" and cells[8] == "0.95"
+    # without the control the table keeps its seven columns
+    del secs[("neighbour", "small")], secs[("neighbour", "big")]
+    assert summary_table(secs, 240, 960, [1]).splitlines()[2].count("|") == 8
