@@ -22,7 +22,12 @@ def main(root: str) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False,
              runtime_env={"env_vars": {"NEARID_ACTOR_LOG": sys.argv[2], "HF_HUB_OFFLINE": "1"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # every pool actor is placed and constructed before the first batch: on a loaded box the
+    # second node's actor could still be starting when the first had done all 9 batches, and the
+    # test checks placement, not how the work was shared (wide: a stall bound, not a speed limit)
+    ctx.wait_for_min_actors_s = 300
     cfg = load_config("configs/local.yaml", [
         f"run.root={root}", "synth.n_identities=12", "synth.n_mtg=0", "synth.n_graded=0",
         "generate.settings={flux: {backend: procedural, batch_size: 8}}", "generate.num_actors=2",
