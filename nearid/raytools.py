@@ -55,13 +55,46 @@ def init_ray(cfg=None):
         mem = (cfg.ray.object_store_memory_mb if cfg is not None and cfg.ray.object_store_memory_mb
                else 512) * 1024**2
         # address="local": always a new runtime, never one a `ray start` on this machine left behind
-        ray.init(address="local", num_cpus=n, include_dashboard=False, object_store_memory=mem, **kwargs)
+        start_local_ray(ray, num_cpus=n, include_dashboard=False, object_store_memory=mem, **kwargs)
     ctx = ray.data.DataContext.get_current()
     # bars are for a terminal: in a log file (CI, `ray job logs`) they are thousands of escape codes
     bars = sys.stdout.isatty() or os.environ.get("NEARID_PROGRESS_BARS") == "1"
     ctx.enable_progress_bars = bars
     ctx.enable_operator_progress_bars = bars
     return ray
+
+
+LOCAL_START_TRIES = 3
+
+
+def start_local_ray(ray, tries: int = LOCAL_START_TRIES, **init_kwargs) -> None:
+    """`ray.init(address="local")`, retried when the node times out during start-up.
+
+    Ray 2.60's raylet gives its dashboard agent a fixed 15 s to report its ports and aborts
+    otherwise (`WaitForDashboardAgentPorts`; `RAY_agent_register_timeout_ms` does not reach it):
+    on a machine busy with other work the agent's imports can miss that. The failed attempt's
+    processes (children of this one) are stopped before the next attempt."""
+    import psutil
+
+    me = psutil.Process()
+    for attempt in range(1, tries + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            ray.init(address="local", **init_kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == tries:
+                raise
+            left = [p for p in me.children(recursive=True) if p.pid not in before]
+            log.warning("Ray's local start timed out (attempt %d of %d, a busy machine?): stopping its "
+                        "%d processes and retrying", attempt, tries, len(left))
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            psutil.wait_procs(left, timeout=30)
+            ray.shutdown()
 
 
 def write_dataset(ds, storage, table: str, partition_cols: list[str] | None = None) -> list[str]:

@@ -32,9 +32,11 @@ def ray_local():
     """Start Ray once per session: 4 logical CPUs on 2 cores so actors never starve Data tasks."""
     import ray
 
+    from nearid.raytools import start_local_ray
+
     if not ray.is_initialized():
         # address="local": a new runtime even if another process on this box runs a Ray head
-        ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=384 * 1024**2,
+        start_local_ray(ray, num_cpus=4, include_dashboard=False, object_store_memory=384 * 1024**2,
                  log_to_driver=False, ignore_reinit_error=True,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
                                            "TOKENIZERS_PARALLELISM": "false"}})
