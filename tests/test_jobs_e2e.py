@@ -173,14 +173,15 @@ def _fresh_root_with_positives(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_generate_and_extract_drivers_killed_then_resubmitted(pipeline_run, tmp_path, ray_local, job_process):
+def test_generate_and_extract_drivers_killed_then_resubmitted(pipeline_run, tmp_path, ray_local, job_process,
+                                                               attach_env):
     from jobs import extract, generate
 
     src, _ = pipeline_run
     root = _fresh_root_with_positives(src, tmp_path / "kill")
     a = argv_for(root, "generate.settings={flux: {backend: procedural}}")
     rc, _ = job_process.run(["jobs.generate", *a, "--chunk-rows", "30"],
-                            {"NEARID_FAULT": "generate:exit_after_chunks:1"})
+                            {**attach_env, "NEARID_FAULT": "generate:exit_after_chunks:1"})
     assert rc == 137, job_process.tail()
     st = Storage.open(str(root))
     partial = _keys(st, "distractors", ["id", "view"])
@@ -190,7 +191,7 @@ def test_generate_and_extract_drivers_killed_then_resubmitted(pipeline_run, tmp_
     assert len(keys) == len(set(keys)) == 108 and summary["flux"]["ok"] == 108
 
     e = a + ["--set", "extract.sources=[positive,flux]"]
-    rc, _ = job_process.run(["jobs.extract", *e], {"NEARID_FAULT": "extract:exit_after_chunks:1"})
+    rc, _ = job_process.run(["jobs.extract", *e], {**attach_env, "NEARID_FAULT": "extract:exit_after_chunks:1"})
     assert rc in (0, 137), job_process.tail()  # one chunk may hold everything at this size
     extract.main(e)
     keys = _keys(st, "features", ["id", "view", "source"])
@@ -294,12 +295,12 @@ def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(pipeline_run, tmp
     assert abs(out["metrics"]["loss"] - clean["metrics"]["loss"]) <= 0.5 * clean["metrics"]["loss"]
 
 
-def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local, job_process):
+def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local, job_process, attach_env):
     from jobs import train
 
     root, _ = pipeline_run
     a = argv_for(root, "train.checkpoint_every_steps=2", "train.epochs=2") + ["--run-name", "fault-driver"]
-    rc, _ = job_process.run(["jobs.train", *a], {"NEARID_FAULT": "train:kill_driver_after_step:2"})
+    rc, _ = job_process.run(["jobs.train", *a], {**attach_env, "NEARID_FAULT": "train:kill_driver_after_step:2"})
     assert rc == -signal.SIGKILL, job_process.tail()
     summary = train.main(a)
     assert summary["metrics"]["resumed_from_step"] >= 2

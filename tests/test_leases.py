@@ -87,7 +87,7 @@ def finish(proc, timeout: float = 300) -> tuple[int | None, str]:
     except subprocess.TimeoutExpired:
         rc = None
     finally:
-        try:  # the driver's own local Ray processes go with it
+        try:  # whatever the driver started (its own local Ray, if any) goes with it
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
@@ -140,13 +140,13 @@ def error_lines(text: str) -> list[str]:
 # ---- two runs on one root -----------------------------------------------------------------------
 @pytest.mark.parametrize("backend, wait", [("local", False), ("s3", True)], indirect=["backend"],
                          ids=["local-refused", "s3-wait"])
-def test_two_synth_runs_started_together_write_every_key_once(backend, wait, tmp_path):
+def test_two_synth_runs_started_together_write_every_key_once(backend, wait, tmp_path, attach_env):
     """Local: the second run is refused; S3: the second waits with --wait (two pairs, not four)."""
     root, endpoint = backend
     argv = ["jobs.synth", *argv_for(root, endpoint), *(["--wait"] if wait else [])]
     # the winner keeps its leases a while, so the other run surely arrives while they are held
     # (a refused run never holds; a waiting one holds after the first, so keep that short)
-    hold = {"NEARID_FAULT": f"lease:hold_s:{4 if wait else 12}"}
+    hold = {**attach_env, "NEARID_FAULT": f"lease:hold_s:{4 if wait else 12}"}
     procs = [spawn(tmp_path, f"synth-{i}", argv, hold) for i in range(2)]
     results = [finish(p) for p in procs]
     rcs = sorted(rc for rc, _ in results)
@@ -318,7 +318,8 @@ def _truncate(st, table, rel):
         f.write(data[: len(data) // 2])
 
 
-def test_verify_finds_and_repair_fixes_a_truncated_and_a_deleted_part(backend, ray_local, capsys, tmp_path):
+def test_verify_finds_and_repair_fixes_a_truncated_and_a_deleted_part(backend, ray_local, capsys, tmp_path,
+                                                                      attach_env):
     from nearid.stages.synth import run_synth
 
     root, endpoint = backend
@@ -346,7 +347,8 @@ def test_verify_finds_and_repair_fixes_a_truncated_and_a_deleted_part(backend, r
     assert f"mtg/{deleted} (missing)" in str(err.value) or f"positives/{truncated} (truncated" in str(err.value)
     assert all(lease_record(st, t) is None for t in TABLE_KEYS)
     if endpoint is None:                          # ... and as a job: one `error:` line, exit 2
-        rc, text = finish(spawn(tmp_path, "synth-bad-part", ["jobs.synth", *argv_for(root, None)]))
+        rc, text = finish(spawn(tmp_path, "synth-bad-part", ["jobs.synth", *argv_for(root, None)],
+                                      attach_env))
         assert rc == 2 and "Traceback" not in text, text[-3000:]
         assert len(error_lines(text)) == 1 and (truncated in error_lines(text)[0] or deleted in error_lines(text)[0])
 

@@ -301,7 +301,8 @@ def test_sweep_asha_stops_trials_and_mlflow_has_parent_and_children(world, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tmp_path, ray_local, job_process):
+def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tmp_path, ray_local, job_process,
+                                                                       attach_env):
     from tune.sweep import run_sweep
 
     space = write_space(tmp_path / "resume.yaml", (
@@ -310,7 +311,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     # longer trials than the other tests: the kill must land while trials 3-4 still run
     extra = ["tune.num_samples=4", "tune.epochs=6", "train.epochs=6"]
     # save the experiment state every second so the hook sees finished trials before the rest end
-    env = {"NEARID_FAULT": "tune:kill_driver_after_trials:2", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    env = {**attach_env, "NEARID_FAULT": "tune:kill_driver_after_trials:2", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
     args = [*argv_for(world, *extra), "--space", str(space), "--name", "resume"]
     rc, _ = job_process.run(["jobs.tune", *args], env, timeout=600)
     assert rc == 137, job_process.tail()
