@@ -71,30 +71,46 @@ def start_local_ray(ray, tries: int = LOCAL_START_TRIES, **init_kwargs) -> None:
     """`ray.init(address="local")`, retried when the node times out during start-up.
 
     Ray 2.60's raylet gives its dashboard agent a fixed 15 s to report its ports and aborts
-    otherwise (`WaitForDashboardAgentPorts`; `RAY_agent_register_timeout_ms` does not reach it):
-    on a machine busy with other work the agent's imports can miss that. The failed attempt's
-    processes (children of this one) are stopped before the next attempt."""
-    import psutil
-
-    me = psutil.Process()
+    otherwise (`WaitForDashboardAgentPorts`; `RAY_agent_register_timeout_ms` does not reach it), and
+    the driver then gives up after a fixed 30 s ("The current node timed out during startup"): on a
+    machine busy with other work the agent's imports can miss that. Each failed attempt's processes
+    (new children of this one) are stopped, the last one's too, so a start that fails for good
+    leaves nothing running."""
     for attempt in range(1, tries + 1):
-        before = {p.pid for p in me.children(recursive=True)}
+        before = _child_pids()
         try:
             ray.init(address="local", **init_kwargs)
             return
         except Exception as e:
-            if "timed out during startup" not in str(e) or attempt == tries:
+            if "timed out during startup" not in str(e):
                 raise
-            left = [p for p in me.children(recursive=True) if p.pid not in before]
-            log.warning("Ray's local start timed out (attempt %d of %d, a busy machine?): stopping its "
-                        "%d processes and retrying", attempt, tries, len(left))
-            for p in left:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            psutil.wait_procs(left, timeout=30)
+            left = _stop_new_children(before)
             ray.shutdown()
+            if attempt == tries:
+                log.warning("Ray's local start timed out %d times; stopped its %d processes", tries, left)
+                raise
+            log.warning("Ray's local start timed out (attempt %d of %d, a busy machine?): stopped its "
+                        "%d processes, retrying", attempt, tries, left)
+
+
+def _child_pids() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _stop_new_children(before: set[int]) -> int:
+    """Kill the children of this process that were not there `before`; returns how many."""
+    import psutil
+
+    left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for p in left:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=30)
+    return len(left)
 
 
 def write_dataset(ds, storage, table: str, partition_cols: list[str] | None = None) -> list[str]:
