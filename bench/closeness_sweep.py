@@ -1,5 +1,6 @@
 """Sweep the synthetic world's distractor closeness dial and chart where identity discrimination
-breaks: SSR and PA on held-out identities for the frozen readouts (map, mean) and the trained head.
+breaks: SSR and PA on held-out identities for the backbone's frozen readouts (map / cls, mean) and
+the trained head.
 
     python -m bench.closeness_sweep --points 0,0.25,0.5,0.75,1 [--out runs/closeness] [world_study flags]
 
@@ -16,20 +17,22 @@ from pathlib import Path
 
 from bench.world_study import add_flags, configs_from, run_study
 
-SCORERS = ("map", "mean", "head")
-
-
 def sweep(points: list[float], wc, mc) -> list[dict]:
     """One result row per closeness value: {closeness, <scorer>_ssr, <scorer>_pa, train_s}."""
     rows = []
     for c in points:
         r = run_study(replace(wc, closeness=float(c)), mc)
         row = {"closeness": float(c), "train_s": r["train_s"], "head_train_ssr": r["head_train_ssr"]}
-        for s in SCORERS:
+        for s in scorers(r):
             row[f"{s}_ssr"], row[f"{s}_pa"] = r[f"{s}_test_ssr"], r[f"{s}_test_pa"]
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def scorers(result: dict) -> list[str]:
+    """The frozen readouts the study scored (map/mean for SigLIP, cls/mean for DINOv2), then head."""
+    return [*result["frozen"], "head"]
 
 
 def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
@@ -45,10 +48,11 @@ def write_outputs(rows: list[dict], out: Path) -> tuple[Path, Path]:
         w.writerows(rows)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     x = [r["closeness"] for r in rows]
-    labels = {"map": "frozen map", "mean": "frozen mean", "head": "trained NearID head"}
+    names = [k[:-4] for k in rows[0] if k.endswith("_ssr") and k != "head_train_ssr"]
     for ax, metric in zip(axes, ("ssr", "pa")):
-        for s in SCORERS:
-            ax.plot(x, [r[f"{s}_{metric}"] for r in rows], marker="o", label=labels[s])
+        for s in names:
+            label = "trained NearID head" if s == "head" else f"frozen {s}"
+            ax.plot(x, [r[f"{s}_{metric}"] for r in rows], marker="o", label=label)
         ax.set_xlabel("distractor closeness (0 = bold changes, 1 = subtle)")
         ax.set_ylabel(f"test {metric.upper()} (%)")
         ax.set_ylim(0, 100)
@@ -69,11 +73,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     wc, mc = configs_from(args)
     rows = sweep([float(p) for p in args.points.split(",")], wc, mc)
     csv_path, png_path = write_outputs(rows, Path(args.out))
-    print("| closeness | map SSR | mean SSR | head SSR | map PA | mean PA | head PA | head train SSR |")
-    print("|---|---|---|---|---|---|---|---|")
+    names = [k[:-4] for k in rows[0] if k.endswith("_ssr") and k != "head_train_ssr"]
+    cols = [f"{s}_{m}" for m in ("ssr", "pa") for s in names] + ["head_train_ssr"]
+    print("| closeness | " + " | ".join(c.replace("_", " ") for c in cols) + " |")
+    print("|---|" + "---|" * len(cols))
     for r in rows:
-        print(f"| {r['closeness']} | {r['map_ssr']} | {r['mean_ssr']} | {r['head_ssr']} | {r['map_pa']} | "
-              f"{r['mean_pa']} | {r['head_pa']} | {r['head_train_ssr']} |")
+        print(f"| {r['closeness']} | " + " | ".join(str(r[c]) for c in cols) + " |")
     print(f"wrote {csv_path} and {png_path}")
     _log_to_mlflow(rows, png_path, Path(args.out), vars(args))
     return rows

@@ -32,7 +32,8 @@ VARIANTS: dict[str, dict] = {
 def graded_tokens(wc, backbone, n_graded: int):
     """Tokens of the graded pairs of the test identities: (rows DataFrame, ref tokens, gen tokens)."""
     world = SynthWorld(seed=wc.seed, n_identities=wc.n_identities, n_views=N_VIEWS,
-                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness)
+                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness,
+                       area_range=wc.area_range, backgrounds=wc.backgrounds)
     test_ids = [i for i in world.ids() if world.split_of(i) == "test"][:n_graded]
     rows = list(world.graded_rows(test_ids))
     ref = backbone.preprocess([decode_image(r["reference"]) for r in rows])
@@ -57,17 +58,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     wc, mc = configs_from(args)
     torch.set_num_threads(mc.threads)
     data = render_world(wc)
-    backbone, tokens, readouts = extract(data, mc)
+    backbone, tokens, readouts = extract(data, mc, cache_key=wc.key())
     df, ref_tok, gen_tok = graded_tokens(wc, backbone, args.n_graded)
     train_mask = data.splits == "train"
     train_ids = [i for i, k in zip(data.ids, train_mask) if k]
     unit = torch.nn.functional.normalize
     results = []
     with torch.no_grad():
-        for name, fn in (("frozen map", backbone.model.head), ("frozen mean", lambda t: t.mean(dim=1))):
-            s = scores(readouts[name.split()[1]], data, "test")
-            results.append({"scorer": name, "ssr": s["ssr"], "pa": s["pa"],
-                            "m_h": mh_of(unit(fn(ref_tok), dim=-1).numpy(), unit(fn(gen_tok), dim=-1).numpy(), df),
+        ref_read, gen_read = backbone.readouts(tokens=ref_tok), backbone.readouts(tokens=gen_tok)
+        for key in sorted(readouts):
+            s = scores(readouts[key], data, "test")
+            results.append({"scorer": f"frozen {key}", "ssr": s["ssr"], "pa": s["pa"],
+                            "m_h": mh_of(unit(ref_read[key], dim=-1).numpy(), unit(gen_read[key], dim=-1).numpy(), df),
                             "train_s": 0.0})
     for name, overrides in VARIANTS.items():
         head, seconds, _ = train_head(backbone, tokens[torch.as_tensor(train_mask)], train_ids,

@@ -30,12 +30,15 @@ from nearid.generate.masks import composite, dilate_mask
 from nearid.generate.procedural import ProceduralBackend
 from nearid.generate.prompts import near_identity_prompt
 from nearid.head import MAPHead
+from nearid.model import initial_head
+from nearid.pretrained import mean_pool_head_init_
 from nearid.losses import build_loss
 from nearid.metrics import nearid_scores
 from nearid.stages.generate import row_seed
 from nearid.synth import SynthWorld
 from nearid.synth.grammar import describe, parse
 from nearid.synth.variation import changed_attributes
+from nearid.synth.visibility import visible_near_identity
 from nearid.training import fit
 from nearid.training.items import N_VIEWS, draw_batch
 from nearid.training.validate import item_sims
@@ -58,6 +61,9 @@ class WorldConfig:
     dilation: int = 2
     distractors: str = "procedural"  # or "oracle" (SynthWorld.render_distractor)
     run_seed: int = 0
+    backgrounds: str = "procedural"  # or "photo" (nearid.synth.photos)
+    area_range: tuple[float, float] = (0.15, 0.32)
+    min_visible_share: float = 0.0   # re-draw look-alikes whose change is less visible (synth.visibility)
 
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True) + _world_fingerprint()
@@ -66,8 +72,11 @@ class WorldConfig:
 
 @dataclass
 class ModelConfig:
-    """The frozen tiny SigLIP (tiny_overrides) and the head training recipe."""
+    """The frozen backbone (tiny SigLIP from tiny_overrides, or a named one such as
+    dinov2-small@112) and the head training recipe."""
 
+    backbone: str = "tiny-random"
+    head_init: str = "backbone"   # the production start (nearid.model.initial_head), or "mean"
     image_size: int = 64
     patch_size: int = 8
     hidden_size: int = 64
@@ -114,6 +123,7 @@ class WorldData:
     settings: list[str]
     changed: list = field(default_factory=list)
     render_seconds: float = 0.0
+    redrawn: float = 0.0   # share of look-alikes re-drawn for visibility
 
     @property
     def sources(self) -> list[str]:
@@ -134,16 +144,20 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
     if use_cache and path.exists():
         z = np.load(path, allow_pickle=True)
         return WorldData(list(z["ids"]), z["splits"], z["images"], list(z["settings"]),
-                         list(z["changed"]), float(z["render_seconds"]))
+                         list(z["changed"]), float(z["render_seconds"]), float(z["redrawn"]))
     t0 = time.perf_counter()
     world = SynthWorld(seed=wc.seed, n_identities=wc.n_identities, n_views=N_VIEWS,
-                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness)
+                       resolution=wc.resolution, split_sizes=wc.split, closeness=wc.closeness,
+                       area_range=wc.area_range, backgrounds=wc.backgrounds)
     backend = ProceduralBackend()
     ids = world.ids()
     settings = [name for name, _ in wc.settings]
     res = wc.resolution
     images = np.zeros((len(ids), 1 + len(settings), N_VIEWS, res, res, 3), np.uint8)
     changed = []
+    vis = ({"visible_at": res, "area": sum(wc.area_range) / 2.0, "min_share": wc.min_visible_share}
+           if wc.min_visible_share else {})
+    redrawn = 0
     for i, id_ in enumerate(ids):
         spec = world.identity(id_)
         description = describe(spec)
@@ -159,7 +173,10 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
                     out, _ = world.render_distractor(id_, v, variant)
                 else:
                     prompt = near_identity_prompt(spec.category, description, seed=seed,
-                                                  n_changes=n_changes, closeness=wc.closeness)
+                                                  n_changes=n_changes, closeness=wc.closeness, **vis)
+                    if vis:
+                        redrawn += visible_near_identity(spec, seed, n_changes=n_changes, closeness=wc.closeness,
+                                                         res=res, area=vis["area"], min_share=vis["min_share"])[1] > 0
                     variant = parse(prompt)
                     gen = backend.inpaint([img], [dilated], [prompt], [seed])[0]
                     out = composite(img, gen, dilated)
@@ -167,45 +184,62 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
                 per_setting[s][v] = changed_attributes(spec, variant)
         changed.append(per_setting)
     splits = np.array([world.split_of(i) for i in ids])
-    data = WorldData(ids, splits, images, settings, changed, time.perf_counter() - t0)
+    data = WorldData(ids, splits, images, settings, changed, time.perf_counter() - t0,
+                     redrawn / float(len(ids) * N_VIEWS * len(settings)))
     if use_cache:
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
         np.savez(path, ids=np.array(ids), splits=splits, images=images, settings=np.array(settings),
-                 changed=np.array(changed, dtype=object), render_seconds=data.render_seconds)
+                 changed=np.array(changed, dtype=object), render_seconds=data.render_seconds,
+                 redrawn=data.redrawn)
     return data
 
 
+def _backbone(mc: ModelConfig):
+    if mc.backbone == "tiny-random":
+        return load_backbone("tiny-random", tiny_overrides=mc.tiny_overrides(), seed=mc.backbone_seed)
+    return load_backbone(mc.backbone)
+
+
 @torch.no_grad()
-def extract(data: WorldData, mc: ModelConfig, batch: int = 256):
-    """Frozen tokens [n, S*V, T, D] (fp16) and frozen readouts {map, mean}: [n, S*V, D] (unit)."""
-    backbone = load_backbone("tiny-random", tiny_overrides=mc.tiny_overrides(), seed=mc.backbone_seed)
+def extract(data: WorldData, mc: ModelConfig, batch: int = 64, cache_key: str | None = None):
+    """Frozen tokens [n, S*V, T, D] (fp16) and the backbone's frozen readouts (map / mean / cls,
+    as it has them): [n, S*V, D] (unit). A named backbone's tokens are cached under CACHE_DIR."""
+    backbone = _backbone(mc)
+    path = CACHE_DIR / f"tokens-{cache_key}-{mc.backbone}.pt" if cache_key and mc.backbone != "tiny-random" else None
+    if path is not None and path.exists():
+        saved = torch.load(path)
+        return backbone, saved["tokens"], {k: v.numpy() for k, v in saved["readouts"].items()}
     from PIL import Image
 
     n, S, V = data.images.shape[:3]
     flat = data.images.reshape(n * S * V, *data.images.shape[3:])
-    toks, maps, means = [], [], []
-    same_size = flat.shape[1] == backbone.image_size
+    toks, reads = [], {}
+    same_size = flat.shape[1] == backbone.image_size and backbone.kind == "siglip"
     for s in range(0, flat.shape[0], batch):
         if same_size:  # the processor's resize is a no-op here: rescale + normalise directly
             pix = torch.from_numpy(flat[s:s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         else:
             pix = backbone.preprocess([Image.fromarray(a) for a in flat[s:s + batch]])
         t = backbone.tokens(pix).float()
-        r = backbone.readouts(tokens=t)
+        for k, r in backbone.readouts(tokens=t).items():
+            reads.setdefault(k, []).append(torch.nn.functional.normalize(r, dim=-1))
         toks.append(t.half())
-        maps.append(torch.nn.functional.normalize(r["map"], dim=-1))
-        means.append(torch.nn.functional.normalize(r["mean"], dim=-1))
     tokens = torch.cat(toks).reshape(n, S * V, *toks[0].shape[1:])
-    readouts = {k: torch.cat(v).reshape(n, S * V, -1).numpy() for k, v in (("map", maps), ("mean", means))}
-    return backbone, tokens, readouts
+    readouts = {k: torch.cat(v).reshape(n, S * V, -1) for k, v in reads.items()}
+    if path is not None:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        torch.save({"tokens": tokens, "readouts": readouts}, path)
+    return backbone, tokens, {k: v.numpy() for k, v in readouts.items()}
 
 
 def train_head(backbone, tokens: torch.Tensor, ids: list[str], mc: ModelConfig,
                log_every: int = 0) -> tuple[MAPHead, float, list[float]]:
-    """Train a MAP head (started from the backbone's own) on cached tokens with the production
-    step (`training.fit`: optimizer, schedule, step counts, the step itself)."""
+    """Train a MAP head (the production start, or mean pooling with head_init "mean") on cached
+    tokens with the production step (`training.fit`: optimizer, schedule, step counts, the step)."""
     torch.manual_seed(mc.train_seed)
-    head = MAPHead.from_backbone(backbone)
+    head = initial_head(backbone, mc.train_seed)
+    if mc.head_init == "mean":
+        mean_pool_head_init_(head)
     head.train()
     loss_fn = build_loss(mc.loss, **mc.loss_params())
     opt = fit.build_optimizer(head, mc, loss_fn)
@@ -277,7 +311,7 @@ def run_study(wc: WorldConfig, mc: ModelConfig, log_every: int = 0, use_cache: b
     torch.set_num_threads(mc.threads)
     data = render_world(wc, use_cache)
     t0 = time.perf_counter()
-    backbone, tokens, readouts = extract(data, mc)
+    backbone, tokens, readouts = extract(data, mc, cache_key=wc.key() if use_cache else None)
     extract_s = time.perf_counter() - t0
     train_mask = data.splits == "train"
     train_ids = [i for i, k in zip(data.ids, train_mask) if k]
@@ -285,28 +319,31 @@ def run_study(wc: WorldConfig, mc: ModelConfig, log_every: int = 0, use_cache: b
                                        log_every)
     out = {"render_s": round(data.render_seconds, 1), "extract_s": round(extract_s, 1),
            "train_s": round(train_s, 1), "final_loss": round(float(np.mean(losses[-10:])), 3),
-           "tokens": int(tokens.shape[2])}
+           "tokens": int(tokens.shape[2]), "redrawn_pct": round(100 * data.redrawn, 1)}
     trained = embed(head, tokens)
-    for name, emb in (("map", readouts["map"]), ("mean", readouts["mean"]), ("head", trained)):
+    out["frozen"] = sorted(readouts)
+    for name, emb in (*sorted(readouts.items()), ("head", trained)):
         for split in ("test", "train"):
             s = scores(emb, data, split)
             out[f"{name}_{split}_ssr"], out[f"{name}_{split}_pa"] = round(s["ssr"], 1), round(s["pa"], 1)
     out["head_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(trained, data).items()}
-    out["map_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(readouts["map"], data).items()}
+    first = sorted(readouts)[0]
+    out["frozen_attr_wins"] = {k: round(v, 1) for k, v in attribute_wins(readouts[first], data).items()}
     out["_head"], out["_data"], out["_tokens"], out["_backbone"] = head, data, tokens, backbone
     return out
 
 
 def print_table(rows: list[tuple[str, dict]]) -> None:
     """One line per run: frozen readouts and trained head, test and train SSR/PA, seconds."""
-    cols = ["map_test_ssr", "mean_test_ssr", "head_test_ssr", "head_test_pa", "head_train_ssr",
-            "train_s", "render_s", "extract_s"]
+    frozen = rows[0][1]["frozen"]
+    cols = ([f"{k}_test_ssr" for k in frozen] + [f"{k}_test_pa" for k in frozen]
+            + ["head_test_ssr", "head_test_pa", "head_train_ssr", "train_s", "render_s", "extract_s"])
     print("| run | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * len(cols))
     for name, r in rows:
         print(f"| {name} | " + " | ".join(str(r[c]) for c in cols) + " |")
     for name, r in rows:
-        print(f"{name}: head wins by attribute {r['head_attr_wins']}; map {r['map_attr_wins']}")
+        print(f"{name}: head wins by attribute {r['head_attr_wins']}; {r['frozen'][0]} {r['frozen_attr_wins']}")
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
@@ -315,8 +352,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             default = f.default
-            if f.name == "split":
-                parser.add_argument(flag, type=float, nargs=3, default=list(default))
+            if f.name in ("split", "area_range"):
+                parser.add_argument(flag, type=float, nargs=len(default), default=list(default))
             elif f.name == "settings":
                 parser.add_argument(flag, default=",".join(f"{n}:{c}" for n, c in default),
                                     help="name:n_changes,...")
@@ -328,7 +365,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def configs_from(args: argparse.Namespace) -> tuple[WorldConfig, ModelConfig]:
     w = {f.name: getattr(args, f.name) for f in fields(WorldConfig)}
-    w["split"] = tuple(w["split"])
+    w["split"], w["area_range"] = tuple(w["split"]), tuple(w["area_range"])
     w["settings"] = tuple((n, int(c)) for n, c in (p.split(":") for p in w["settings"].split(",")))
     m = {f.name: getattr(args, f.name) for f in fields(ModelConfig)}
     return WorldConfig(**w), ModelConfig(**m)

