@@ -14,6 +14,14 @@ def test_local_and_paper_configs_load():
             paper.train.batch_size, paper.train.grad_clip) == (1e-4, 1e-4, 100, 11, 128, 1.0)
 
 
+def test_the_real_backbone_demo_config_loads():
+    cfg = load_config("configs/local-dinov2.yaml")
+    assert cfg.extract.backbone.name == "dinov2-small@112" and cfg.extract.readouts == ["cls", "mean"]
+    assert cfg.synth.backgrounds == "photo" and cfg.synth.min_visible_share > 0
+    assert cfg.eval.scorers == ["frozen:cls", "frozen:mean", "nearid"]
+    assert sorted(s.n_changes for s in cfg.generate.settings.values()) == [2, 2, 3]
+
+
 def test_override_parses_yaml_values():
     cfg = load_config("configs/local.yaml", ["train.lr=3e-4", "train.loss.name=infonce",
                                               "generate.splits=[test]"])
