@@ -93,6 +93,7 @@ class ModelConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 20
     grad_clip: float = 1.0
+    token_dropout: float = 0.0
     epochs: int = 8
     batch_size: int = 64
     train_seed: int = 0
@@ -248,7 +249,8 @@ def train_head(backbone, tokens: torch.Tensor, ids: list[str], mc: ModelConfig,
     steps_per_epoch = fit.steps_per_epoch(n, mc.batch_size)
     sched = fit.build_schedule(opt, mc, steps_per_epoch * mc.epochs)
     step = fit.TrainStep(head, loss_fn, opt, sched, fit.build_scaler(None), clip_params=head.parameters(),
-                         grad_clip=mc.grad_clip, n_positives=N_POSITIVES)
+                         grad_clip=mc.grad_clip, n_positives=N_POSITIVES, token_dropout=mc.token_dropout,
+                         keep_prefix=backbone.num_prefix_tokens, seed=mc.train_seed)
     valid = np.ones((n, tokens.shape[1]), bool)
     id_arr = np.array(ids, dtype=object)
     losses = []

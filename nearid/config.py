@@ -77,7 +77,7 @@ class SettingConfig(Strict):
     params: dict[str, Any] = {}
     resolution: int | None = None
     batch_size: int = Field(16, ge=1)
-    n_changes: int = Field(1, ge=1, le=3)
+    n_changes: int = Field(1, ge=1, le=5)   # at most one change per attribute (synth.variation)
 
 
 class GenerateConfig(Strict):
@@ -131,6 +131,8 @@ class TrainConfig(Strict):
     epochs: int = Field(11, ge=1)
     batch_size: int = Field(128, ge=2)
     grad_clip: float = Field(1.0, gt=0)
+    # share of each image's patch tokens dropped per step (fit.drop_tokens): augmentation on cached tokens
+    token_dropout: float = Field(0.0, ge=0, lt=1)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     n_positives: int = Field(2, ge=1)
     n_distractors: int = Field(3, ge=0)

@@ -28,7 +28,7 @@ def main(root: str) -> None:
     # second node's actor could still be starting when the first had done all 9 batches, and the
     # test checks placement, not how the work was shared (wide: a stall bound, not a speed limit)
     ctx.wait_for_min_actors_s = 300
-    cfg = load_config("configs/local.yaml", [
+    cfg = load_config("configs/tiny.yaml", [
         f"run.root={root}", "synth.n_identities=12", "synth.n_mtg=0", "synth.n_graded=0",
         "generate.settings={flux: {backend: procedural, batch_size: 8}}", "generate.num_actors=2",
         "generate.gpus_per_actor=1", "generate.cpus_per_actor=0.5", "generate.validate_sample=0",

@@ -272,8 +272,9 @@ def test_jobs_fail_fast_naming_a_dead_endpoint(tmp_path):
 SMALL = ["synth.n_identities=24", "synth.n_mtg=4", "synth.n_graded=4", "train.epochs=1", "train.batch_size=16",
          "train.warmup_steps=2", "generate.validate_sample=10", "eval.plots=false",
          "generate.settings={flux: {backend: procedural, n_changes: 1, batch_size: 32}}"]
-# configs/local.yaml runs DINOv2 at 112 px; these tests pin the old tiny embedded settings (fast)
+# the stack submits configs/local.yaml (DINOv2 at 112 px on photos); these tests pin the tiny world (fast)
 TINY = ["extract.backbone.name=tiny-random", "synth.resolution=64", "extract.readouts=[map, mean]",
+        "synth.backgrounds=procedural", "synth.min_visible_share=0", "train.token_dropout=0",
         "eval.scorers=[\"frozen:map\", \"frozen:mean\", nearid]"]
 SMALL = [*TINY, *SMALL]
 

@@ -4,9 +4,9 @@ from nearid.config import ConfigError, config_to_dict, dump_yaml, load_config
 
 
 def test_local_and_paper_configs_load():
-    local = load_config("configs/local.yaml")
+    tiny = load_config("configs/tiny.yaml")
     paper = load_config("configs/paper.yaml")
-    assert local.extract.backbone.name == "tiny-random"
+    assert tiny.extract.backbone.name == "tiny-random" and tiny.synth.backgrounds == "procedural"
     assert paper.extract.backbone.name == "google/siglip2-so400m-patch14-384"
     assert paper.run.root.startswith("s3://")
     # the NearID paper's training recipe (arXiv 2604.01973) is the default of the training config
@@ -14,12 +14,13 @@ def test_local_and_paper_configs_load():
             paper.train.batch_size, paper.train.grad_clip) == (1e-4, 1e-4, 100, 11, 128, 1.0)
 
 
-def test_the_real_backbone_demo_config_loads():
-    cfg = load_config("configs/local-dinov2.yaml")
+def test_the_embedded_default_runs_the_real_backbone_on_photos():
+    cfg = load_config("configs/local.yaml")
     assert cfg.extract.backbone.name == "dinov2-small@112" and cfg.extract.readouts == ["cls", "mean"]
     assert cfg.synth.backgrounds == "photo" and cfg.synth.min_visible_share > 0
     assert cfg.eval.scorers == ["frozen:cls", "frozen:mean", "nearid"]
-    assert sorted(s.n_changes for s in cfg.generate.settings.values()) == [2, 2, 3]
+    assert sorted(s.n_changes for s in cfg.generate.settings.values()) == [3, 3, 4]
+    assert cfg.train.loss.name == "nearid" and 0 < cfg.train.token_dropout < 1
 
 
 def test_override_parses_yaml_values():

@@ -23,21 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["synth.n_identities=36", "synth.n_mtg=6", "synth.n_graded=4", "train.epochs=2",
          "train.batch_size=16", "train.warmup_steps=2", "generate.validate_sample=20",
          "eval.plots=true"]
-# configs/local.yaml runs DINOv2 at 112 px; these tests pin the old tiny embedded settings (fast)
+# configs/tiny.yaml runs DINOv2 at 112 px; these tests pin the old tiny embedded settings (fast)
 TINY = ["extract.backbone.name=tiny-random", "synth.resolution=64", "extract.readouts=[map, mean]",
         "eval.scorers=[\"frozen:map\", \"frozen:mean\", nearid]"]
 SMALL = [*TINY, *SMALL]
 
 
 def argv_for(root, *extra):
-    out = ["--config", str(ROOT / "configs/local.yaml"), "--set", f"run.root={root}"]
+    out = ["--config", str(ROOT / "configs/tiny.yaml"), "--set", f"run.root={root}"]
     for s in [*SMALL, *extra]:
         out += ["--set", s]
     return out
 
 
 def cfg_for(root, *extra):
-    return load_config(ROOT / "configs/local.yaml", [f"run.root={root}", *SMALL, *extra])
+    return load_config(ROOT / "configs/tiny.yaml", [f"run.root={root}", *SMALL, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
     assert stages["synth"].data.params["synth.identities"] == "36"
     train = runs["demo-train"]
     assert stages["train"].info.run_id == train.info.run_id
-    assert float(train.data.params["train.lr"]) == load_config(ROOT / "configs/local.yaml").train.lr
+    assert float(train.data.params["train.lr"]) == load_config(ROOT / "configs/tiny.yaml").train.lr
     assert train.data.tags["backbone"] == "tiny-random"
     assert "val/ssr" in train.data.metrics and len(client.get_metric_history(train.info.run_id, "train/loss")) >= 1
     assert not [k for k in train.data.metrics if "/" not in k or k.endswith("/rows")]

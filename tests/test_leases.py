@@ -53,11 +53,11 @@ def settings(root, endpoint, *extra) -> list[str]:
 
 
 def cfg_for(root, endpoint, *extra):
-    return load_config(ROOT / "configs/local.yaml", settings(root, endpoint, *extra))
+    return load_config(ROOT / "configs/tiny.yaml", settings(root, endpoint, *extra))
 
 
 def argv_for(root, endpoint, *extra) -> list[str]:
-    out = ["--config", str(ROOT / "configs/local.yaml")]
+    out = ["--config", str(ROOT / "configs/tiny.yaml")]
     for s in settings(root, endpoint, *extra):
         out += ["--set", s]
     return out

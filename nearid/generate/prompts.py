@@ -1,6 +1,6 @@
 """Prompts for near-identity distractors: a look-alike of the positive's object.
 
-A description the synthetic grammar can read (e.g. "a red mug with blue stripes, ...") gets 1-3
+A description the synthetic grammar can read (e.g. "a red mug with blue stripes, ...") gets 1-5
 attributes swapped for alternatives from a per-category vocabulary and is re-described, so the
 inpainted object is a controlled look-alike. Free text (real data) cannot be edited reliably, so
 it falls back to asking for "a different {category} that looks similar to: {description}".
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from nearid.synth.grammar import PHOTO_PREFIX, describe, parse
+from nearid.synth.variation import ATTRIBUTES
 from nearid.synth.visibility import MIN_VISIBLE_SHARE, visible_near_identity
 
 FALLBACK_TEMPLATE = "a different {category} that looks similar to: {description}"
@@ -29,8 +30,8 @@ def near_identity_prompt(category: str, description: str, *, seed: int, n_change
     visible_at: the rendered resolution; when given, a look-alike whose change covers less than
     `min_share` of the image (the object at `area` of it) is re-drawn (nearid.synth.visibility).
     """
-    if n_changes not in (1, 2, 3):
-        raise ValueError(f"n_changes: expected 1, 2 or 3, got {n_changes!r}")
+    if n_changes not in range(1, len(ATTRIBUTES) + 1):
+        raise ValueError(f"n_changes: expected 1..{len(ATTRIBUTES)} (one per attribute), got {n_changes!r}")
     text = description.strip()
     try:
         spec = parse(text)

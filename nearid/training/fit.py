@@ -53,18 +53,39 @@ def build_scaler(dtype: torch.dtype | None) -> torch.amp.GradScaler:
     return torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
+def drop_tokens(tokens: torch.Tensor, p: float, keep_prefix: int = 0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Token dropout, the augmentation cached tokens still allow: each image [.., T, D] keeps the
+    same number of randomly chosen patch tokens (round((T - prefix) * (1 - p)), at least one), in
+    their order, plus its `keep_prefix` leading tokens (DINOv2's CLS). p = 0 returns `tokens`."""
+    if p <= 0:
+        return tokens
+    lead, (T, D) = tokens.shape[:-2], tokens.shape[-2:]
+    flat = tokens.reshape(-1, T, D)
+    n_patch = T - keep_prefix
+    keep = max(1, int(round(n_patch * (1.0 - p))))
+    scores = torch.rand(flat.shape[0], n_patch, generator=generator).to(flat.device)
+    idx = scores.topk(keep, dim=1).indices.sort(dim=1).values + keep_prefix
+    kept = torch.gather(flat, 1, idx[:, :, None].expand(-1, -1, D))
+    return torch.cat([flat[:, :keep_prefix], kept], dim=1).reshape(*lead, keep_prefix + keep, D)
+
+
 class TrainStep:
     """One optimizer step: forward under autocast, loss, zero_grad, scaled backward, unscale,
     grad-norm clip, scaler step/update, schedule step.
 
     `net` is what runs forward (the head, or its DDP wrapper); the grad norm is clipped over
     `clip_params` (the head's parameters). The tokens of a batch [b, m, T, D] are slot 0 = anchor,
-    then `n_positives` positives, then the distractors."""
+    then `n_positives` positives, then the distractors; `token_dropout` > 0 drops that share of
+    each image's patch tokens (`drop_tokens`, the first `keep_prefix` tokens always kept)."""
 
     def __init__(self, net, loss_fn, opt, sched, scaler, *, clip_params: Iterable[torch.nn.Parameter],
                  grad_clip: float, n_positives: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype | None = None, fast: bool = True):
+                 dtype: torch.dtype | None = None, fast: bool = True, token_dropout: float = 0.0,
+                 keep_prefix: int = 0, seed: int = 0):
         self.net, self.loss_fn, self.opt, self.sched, self.scaler = net, loss_fn, opt, sched, scaler
+        self.token_dropout, self.keep_prefix = float(token_dropout), int(keep_prefix)
+        self.generator = torch.Generator().manual_seed(int(seed))
         self.clip_params, self.grad_clip = list(clip_params), grad_clip
         self.n_positives, self.device, self.dtype, self.fast = n_positives, torch.device(device), dtype, fast
 
@@ -73,6 +94,7 @@ class TrainStep:
         -> (the loss output, with `.loss` and `.terms`; the grad norm before clipping)."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             tok = tokens() if callable(tokens) else tokens
+            tok = drop_tokens(tok, self.token_dropout, self.keep_prefix, self.generator)
             b, m = tok.shape[:2]
             emb = self.net(tok.reshape(b * m, *tok.shape[2:]), fast=self.fast).float().reshape(b, m, -1)
         P = self.n_positives

@@ -216,7 +216,8 @@ def train_loop(config: dict | LoopSpec) -> dict:
     scaler = fit.build_scaler(dtype)
     train_step = fit.TrainStep(ddp_head, loss_fn, opt, sched, scaler, clip_params=head.parameters(),
                                grad_clip=tc.grad_clip, n_positives=tc.n_positives, device=device,
-                               dtype=dtype, fast=tc.fast_head)
+                               dtype=dtype, fast=tc.fast_head, token_dropout=tc.token_dropout,
+                               keep_prefix=model.backbone.num_prefix_tokens, seed=tc.seed * 1000 + ctx.rank)
     token_source = TokenSource(tc.input_mode, model.backbone, device)
 
     progress = {"epoch": 0, "step": 0, "best_val_ssr": -1.0, "resumed_from_step": 0}
