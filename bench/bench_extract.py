@@ -130,7 +130,7 @@ def main() -> None:
             sets.append("extract.readouts=[cls, mean]")
     if args.resolution:
         sets.append(f"synth.resolution={args.resolution}")
-    cfg = load_config("configs/local.yaml", sets)
+    cfg = load_config("configs/tiny.yaml", sets)
     images = {"big": write_world_positives(cfg, big_root, args.images)}
     images["small"] = write_world_positives(cfg, small_root, max(args.batch, args.images // 4))
     roots = {"big": big_root, "small": small_root}

@@ -65,7 +65,7 @@ def main() -> None:
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="bench-load-")
     unique = args.distractors // 3           # identities actually rendered (3 views each)
-    cfg = load_config("configs/local.yaml", [
+    cfg = load_config("configs/tiny.yaml", [
         f"run.root={root}", f"synth.n_identities={unique}", "synth.n_mtg=0", "synth.n_graded=0",
         "synth.split={train: 1.0}", "extract.sources=[positive]", "generate.splits=[train]",
         "generate.settings={flux: {backend: procedural, batch_size: 32}}"])

@@ -97,7 +97,7 @@ def check_ray_vs_bare(args, device, res):
     n = 96 if args.smoke else 3072
     root = tempfile.mkdtemp(prefix="gpu-check-")
     backbone_name = "tiny-random" if args.smoke else "so400m-random"
-    cfg = load_config(REPO / "configs/local.yaml", [
+    cfg = load_config(REPO / "configs/tiny.yaml", [
         f"run.root={root}", f"synth.n_identities={n // 3}", f"extract.backbone.name={backbone_name}",
         f"extract.backbone.dtype={'fp32' if args.smoke else 'bf16'}",
         f"extract.gpus_per_actor={1 if device == 'cuda' else 0}", "synth.resolution=384"])
@@ -188,7 +188,7 @@ def check_pipeline(args, device, res):
         sets += ["--set", "train.use_gpu=true", "--set", "extract.gpus_per_actor=1",
                  "--set", "generate.gpus_per_actor=0"]
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "configs/local.yaml", *sets],
+    p = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", *sets],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     res["pipeline_small_s"] = time.perf_counter() - t
     res["pipeline_small_rc"] = p.returncode

@@ -1,5 +1,5 @@
 """Loss ablation on the synthetic world (docs/world_study.md, "Loss ablation"): tier-1 only
-(NearID alpha 0) vs NearID alpha 0.5 and 0.1 vs plain InfoNCE without distractors in the softmax,
+(NearID alpha 0) vs NearID alpha 0.5, 0.1 and 0.05 vs InfoNCE with and without distractors in the softmax,
 on one rendered world and one set of frozen tokens. Reports test SSR/PA and M-H on the world's graded pairs
 (`SynthWorld.graded_rows`, score = 100 * cos(reference, generated), `metrics.mh_score`).
 
@@ -24,6 +24,8 @@ VARIANTS: dict[str, dict] = {
     "tier-1 only (alpha 0)": dict(loss="nearid", alpha=0.0),
     "NearID alpha 0.5": dict(loss="nearid", alpha=0.5),
     "NearID alpha 0.1": dict(loss="nearid", alpha=0.1),
+    "NearID alpha 0.05": dict(loss="nearid", alpha=0.05),
+    "InfoNCE, distractors in the softmax": dict(loss="infonce", use_negatives=True),
     "InfoNCE, no distractors": dict(loss="infonce", use_negatives=False),
 }
 
