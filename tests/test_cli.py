@@ -118,7 +118,7 @@ def test_runtime_mistakes_name_the_file(tiny_model_dir, tmp_path):
         "missing model dir (job)": (["jobs.score", "--pairs", str(pairs), "--model", str(tmp_path / "m2"),
                                      "--out", str(tmp_path / "o")], "m2"),
         "empty run folder": (["jobs.evaluate", "--config", CFG, "--set", f"run.root={tmp_path / 'empty'}",
-                              "--scorers", "frozen:map"], "no features table"),
+                              "--scorers", "frozen:cls"], "no features table"),
         "scorer model dir": (["jobs.evaluate", "--config", CFG, "--set", f"run.root={tmp_path / 'empty'}",
                               "--scorers", f"nearid:{tmp_path / 'm3'}"], "m3"),
     }

@@ -42,20 +42,23 @@ def test_trained_head_beats_fooled_frozen_readouts():
     assert r["head_train_ssr"] >= HEAD_TRAIN_SSR_MIN, summary
 
 
-# The photo world on the real pretrained backbone (issue #21; docs/world_study.md, "The photo
-# world on a real pretrained backbone"): frozen DINOv2-S readouts are fooled by same-background
-# look-alikes, a trained head on its tokens is not (as much).
+# The embedded default's world and recipe (configs/local.yaml; docs/world_study.md, W4) at 120
+# identities: frozen DINOv2-S readouts are fooled by same-background look-alikes (other instances
+# of the category), a head trained with the demo's recipe (token dropout 0.5, alpha 0.05) is not.
 PHOTO_WORLD = WorldConfig(n_identities=120, resolution=112, split=(0.5, 0.0, 0.5), backgrounds="photo",
-                          area_range=(0.25, 0.45), min_visible_share=0.015)
-DINO = ModelConfig(backbone="dinov2-small@112", alpha=0.1, temperature=0.2, lr=1e-3, epochs=20,
-                   batch_size=32, threads=2)
-# Measured with train seeds 0 / 1 (60 train / 60 test identities, 2.2 % of look-alikes re-drawn):
-# frozen SSR cls 1.7, mean 1.7, PA cls 17.3, mean 14.6; head test PA 39.2 / 27.9 (SSR 7.2 / 5.6),
-# head train SSR 40.0 / 32.8. An untrained head (lr 0): test PA 21.1, train SSR 1.1: fails both.
-DINO_FROZEN_SSR_MAX = 10.0
-DINO_FROZEN_PA_MAX = 30.0
-DINO_HEAD_GAIN_MIN = 6.0        # head test PA minus the best frozen readout's (measured 10.6-21.9)
-DINO_HEAD_TRAIN_SSR_MIN = 15.0
+                          area_range=(0.25, 0.45), min_visible_share=0.015, closeness=0.0,
+                          settings=(("flux", 3), ("sdxl", 4), ("powerpaint", 3)))
+DINO = ModelConfig(backbone="dinov2-small@112", alpha=0.05, temperature=0.2, lr=2e-3, epochs=30,
+                   token_dropout=0.5, batch_size=32, threads=2)
+# Measured with train seeds 0 / 1 (60 train / 60 test identities): frozen cls 5.6 SSR / 35.1 PA,
+# mean 3.3 / 28.1; head test SSR 47.8 / 38.3, PA 80.9 / 76.2, train SSR 93.9 / 93.9. Broken on
+# purpose: an untrained head (lr 1e-9) 5.0 SSR / 39.6 PA / train SSR 11.1; a loss that cannot
+# separate (temperature 5) 16.1 / 58.3 / 23.9: each fails the head bounds.
+DINO_FROZEN_SSR_MAX = 15.0
+DINO_FROZEN_PA_MAX = 45.0
+DINO_HEAD_SSR_MIN = 25.0
+DINO_HEAD_GAIN_MIN = 30.0       # head test PA minus the best frozen readout's (measured 41.1-45.8)
+DINO_HEAD_TRAIN_SSR_MIN = 60.0
 
 
 @pytest.mark.slow
@@ -64,9 +67,9 @@ def test_trained_head_on_dinov2_beats_its_fooled_frozen_readouts():
     r = run_study(PHOTO_WORLD, DINO, use_cache=False)
     summary = {k: v for k, v in r.items() if not k.startswith("_")}
     assert r["_backbone"].kind == "dinov2" and r["frozen"] == ["cls", "mean"], summary
-    assert r["_data"].redrawn > 0, summary          # the visibility re-draw ran
     for readout in ("cls", "mean"):
         assert r[f"{readout}_test_ssr"] <= DINO_FROZEN_SSR_MAX, summary
         assert r[f"{readout}_test_pa"] <= DINO_FROZEN_PA_MAX, summary
+    assert r["head_test_ssr"] >= DINO_HEAD_SSR_MIN, summary
     assert r["head_test_pa"] >= max(r["cls_test_pa"], r["mean_test_pa"]) + DINO_HEAD_GAIN_MIN, summary
     assert r["head_train_ssr"] >= DINO_HEAD_TRAIN_SSR_MIN, summary
