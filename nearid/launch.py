@@ -62,6 +62,7 @@ def setup(stage: str, args) -> tuple:
         check_config(cfg, stage)
         if getattr(args, "scorers", None):
             check_scorers(args.scorers, list(cfg.extract.readouts), "--scorers")
+        cfg = _with_available_backbone(cfg, args)
         if "://" not in cfg.run.root:
             # workers (Ray Train, actors) run in other folders: pin the local root to this one
             cfg.run.root = os.path.abspath(cfg.run.root)
@@ -79,6 +80,20 @@ def setup(stage: str, args) -> tuple:
         _install_error_hook()
     storage.write_bytes(f"config/{stage}.yaml", dump_yaml(cfg).encode())
     return cfg, storage
+
+
+def _with_available_backbone(cfg, args):
+    """The config to run: a pretrained backbone that cannot be had falls back to the tiny random
+    SigLIP here, before Ray starts, with the readouts and scorers it has (nearid.pretrained)."""
+    from .pretrained import PretrainedUnavailable, frozen_readout_fallback, with_available_backbone
+
+    try:
+        run_cfg = with_available_backbone(cfg)
+    except PretrainedUnavailable as err:   # NEARID_PRETRAINED_FALLBACK=0
+        raise ConfigError(f"extract.backbone.name = {cfg.extract.backbone.name!r}: {err}") from None
+    if run_cfg is not cfg and getattr(args, "scorers", None):
+        args.scorers = frozen_readout_fallback(args.scorers)
+    return run_cfg
 
 
 def _user_error_types() -> tuple:

@@ -259,3 +259,60 @@ def test_mean_pool_head_init_is_mean_pooling(fast):
     torch.testing.assert_close(head(tokens, fast=fast), tokens.mean(dim=1), atol=1e-5, rtol=1e-5)
     head(tokens, fast=fast).sum().backward()
     assert head.probe.grad.abs().sum() > 0 and head.mlp.fc2.weight.grad.abs().sum() > 0
+
+
+# ---- the default config without the wheel: the job falls back before Ray starts ----------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_default_config_falls_back_to_readouts_the_tiny_backbone_has(no_wheel, caplog):
+    from nearid.config import load_config
+
+    cfg = load_config(ROOT / "configs/local.yaml")
+    with caplog.at_level(logging.WARNING, logger="nearid.pretrained"):
+        run = P.with_available_backbone(cfg)
+    assert run.extract.backbone.name == "tiny-random" and run.extract.readouts == ["map", "mean"]
+    assert run.eval.scorers == ["frozen:map", "frozen:mean", "nearid"]
+    assert cfg.extract.backbone.name == "dinov2-small@112"        # the loaded config is not changed
+    assert cfg.eval.scorers == ["frozen:cls", "frozen:mean", "nearid"]
+    assert any("tiny-random" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    tiny = load_config(ROOT / "configs/tiny.yaml")
+    assert P.with_available_backbone(tiny) is tiny                 # nothing to resolve
+
+
+def test_the_default_config_keeps_dinov2_when_it_can_be_had(converted, monkeypatch):
+    from nearid.config import load_config
+
+    monkeypatch.setenv(P.ENV_DIR, str(converted))
+    monkeypatch.setenv(P.ENV_DOWNLOAD, "0")
+    cfg = load_config(ROOT / "configs/local.yaml")
+    assert P.with_available_backbone(cfg) is cfg
+
+
+def _job(args, env_extra, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, **env_extra}
+    for var in (P.ENV_DIR,):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, "-m", *args, "--config", str(ROOT / "configs/local.yaml"),
+                           "--set", f"run.root={tmp_path / 'r'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_a_job_on_the_default_config_without_the_wheel(no_wheel, tmp_path):
+    env = {"NEARID_CACHE": str(no_wheel / "cache"), P.ENV_WHEEL: str(no_wheel / "missing" / P.WHEEL_FILE),
+           P.ENV_DOWNLOAD: "0"}
+    # fallback on: the job runs on the tiny backbone (here it stops at the empty root, after setup)
+    p = _job(["jobs.evaluate", "--scorers", "frozen:cls"], env, tmp_path)
+    assert p.returncode == 2 and "no features table" in p.stderr, p.stderr[-3000:]
+    assert "using 'tiny-random' instead" in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    saved = (tmp_path / "r" / "config" / "evaluate.yaml").read_text()
+    assert "tiny-random" in saved and "frozen:map" in saved, saved
+    # strict: one error line naming the key, exit 2
+    p = _job(["jobs.evaluate"], {**env, P.ENV_FALLBACK: "0"}, tmp_path)
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert p.returncode == 2 and len(errors) == 1 and "extract.backbone.name" in errors[0], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
