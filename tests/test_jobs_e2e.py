@@ -68,27 +68,27 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
         assert len(keys) == len(set(keys)) == 108
     feats = st.read_table("features", columns=["id", "view", "source"])
     assert set(feats["source"].to_pylist()) >= {"positive", "flux", "sdxl", "powerpaint", "mtg", "graded"}
-    model = NearIDModel.from_pretrained(root / "models" / "demo-train")
+    model = NearIDModel.from_pretrained(root / "models" / "tiny-train")
     assert model.embedding_dim == 64
     assert "| nearid |" in summary["markdown"] and "| frozen:map |" in summary["markdown"]
-    assert (root / "reports" / "demo-eval" / "table.tex").read_text().startswith("\\begin{tabular}")
+    assert (root / "reports" / "tiny-eval" / "table.tex").read_text().startswith("\\begin{tabular}")
 
     use_local_proxied_artifacts()   # artifacts are `mlflow-artifacts:` locations under the run root
     client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
-    exp = client.get_experiment_by_name("nearid-local")
+    exp = client.get_experiment_by_name("nearid-tiny")
     every = client.search_runs([exp.experiment_id])
     runs = {r.info.run_name: r for r in every}
 
     def children(run):
         return [r for r in every if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
 
-    pipe = runs["demo-pipeline"]     # the pipeline is a parent run with one child per stage
+    pipe = runs["tiny-pipeline"]     # the pipeline is a parent run with one child per stage
     assert pipe.info.run_id == summary["run_id"] and pipe.info.status == "FINISHED"
     stages = {r.data.tags["stage"]: r for r in children(pipe)}
     assert set(stages) == {"synth", "generate", "extract", "train", "evaluate"}
     assert {f"time/{s}_seconds" for s in stages} <= set(pipe.data.metrics)
     assert stages["synth"].data.params["synth.identities"] == "36"
-    train = runs["demo-train"]
+    train = runs["tiny-train"]
     assert stages["train"].info.run_id == train.info.run_id
     assert float(train.data.params["train.lr"]) == load_config(ROOT / "configs/tiny.yaml").train.lr
     assert train.data.tags["backbone"] == "tiny-random"
@@ -102,21 +102,21 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
     version = client.get_model_version("nearid", train.data.tags["registered_version"])
     assert version.run_id == train.info.run_id
     assert version.tags["published_step"] == train.data.tags["published_step"] and "val/ssr" in version.tags
-    assert st.read_json("models/demo-train/train_summary.json")["mlflow"]["version_uri"] == \
+    assert st.read_json("models/tiny-train/train_summary.json")["mlflow"]["version_uri"] == \
         train.data.tags["model_uri"] == f"models:/nearid/{version.version}"
-    gen = runs["demo-generate"]
+    gen = runs["tiny-generate"]
     assert stages["generate"].info.run_id == gen.info.run_id
     assert gen.data.metrics["generate/flux/outside_equal_share"] == 1.0
     assert gen.data.params["count.flux.rows_ok"] == "108" and not [k for k in gen.data.metrics if "rows" in k]
     assert "plots/distractor_examples.png" in {a.path for a in client.list_artifacts(gen.info.run_id, "plots")}
-    ev = runs["demo-eval"]
+    ev = runs["tiny-eval"]
     assert stages["evaluate"].info.run_id == ev.info.run_id
     assert ev.data.params["eval.split"] == "test" and set(ev.data.metrics) == {"timing/embedding_s",
                                                                                 "timing/metrics_s"}
     assert ev.data.tags["model_uri"] == train.data.tags["model_uri"]
     plots = {a.path for a in client.list_artifacts(ev.info.run_id, "plots")}
     assert {"plots/margin_histograms.png", "plots/similarity_tiers.png", "plots/ssr_per_setting.png"} <= plots
-    on_disk = {f"plots/{p.name}" for p in (root / "reports/demo-eval/plots").glob("*.png")}
+    on_disk = {f"plots/{p.name}" for p in (root / "reports/tiny-eval/plots").glob("*.png")}
     assert on_disk >= {"plots/margin_histograms.png", "plots/ssr_per_setting.png"}    # not only in MLflow
     # one child run per scorer, all with the same metric names
     scorers = {r.data.tags["scorer"]: r for r in children(ev)}
@@ -131,13 +131,13 @@ def test_pipeline_writes_every_table_and_tracks_in_mlflow(pipeline_run):
     assert scorers["nearid"].data.metrics["eval/ssr"] == pytest.approx(
         [row for row in summary_rows(root) if row["scorer"] == "nearid"][0]["nearid_ssr"])
     nearid = scorers["nearid"].data.params
-    assert nearid["model_uri"] == train.data.tags["model_uri"] and nearid["model_dir"].endswith("models/demo-train")
+    assert nearid["model_uri"] == train.data.tags["model_uri"] and nearid["model_dir"].endswith("models/tiny-train")
 
 
 def summary_rows(root) -> list[dict]:
     import csv
 
-    with open(root / "reports" / "demo-eval" / "table.csv") as f:
+    with open(root / "reports" / "tiny-eval" / "table.csv") as f:
         return [{"scorer": r["scorer"], "nearid_ssr": float(r["NearID SSR"])} for r in csv.DictReader(f)]
 
 
@@ -253,7 +253,7 @@ def test_embeddings_only_mode_with_trained_model(pipeline_run, ray_local):
     from nearid.stages.extract import run_extract
 
     root, _ = pipeline_run
-    model_dir = str(root / "models" / "demo-train")
+    model_dir = str(root / "models" / "tiny-train")
     cfg = cfg_for(root, f"extract.model_dir={model_dir}", "extract.sources=[positive]",
                   "extract.splits=[test]")
     st = Storage.open(str(root))
@@ -289,7 +289,7 @@ def test_train_worker_killed_mid_epoch_resumes_from_checkpoint(pipeline_run, tmp
     # points; not bit-identical because the resumed epoch's shuffle order differs). The pipeline's
     # own training is that uninterrupted run: same items, seed and epochs (checkpoint and failure
     # settings do not change the trajectory), so no second training is paid for here.
-    clean = st.read_json("models/demo-train/train_summary.json")
+    clean = st.read_json("models/tiny-train/train_summary.json")
     assert clean["items"] == out["items"] and clean["metrics"]["step"] == out["metrics"]["step"]
     assert abs(out["metrics"]["val_pa"] - clean["metrics"]["val_pa"]) <= 10
     assert abs(out["metrics"]["loss"] - clean["metrics"]["loss"]) <= 0.5 * clean["metrics"]["loss"]
@@ -337,7 +337,7 @@ def test_batch_scoring_job_and_cli(pipeline_run, tmp_path, ray_local, capsys):
                           "generated": [paths[keys[1]], paths[keys[2]], paths[keys[4]], paths[keys[1]]],
                           "method": ["a", "a", "b", "b"]})
     pairs.to_parquet(tmp_path / "pairs.parquet")
-    model_dir = str(root / "models" / "demo-train")
+    model_dir = str(root / "models" / "tiny-train")
     res = score.main(["--pairs", str(tmp_path / "pairs.parquet"), "--model", model_dir,
                       "--out", str(tmp_path / "scores")])
     assert (res["pairs"], res["scored"], res["rejected"]) == (4, 3, 1)

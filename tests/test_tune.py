@@ -25,8 +25,9 @@ SMALL = ["synth.n_identities=36", "synth.n_mtg=6", "synth.n_graded=4", "generate
          "synth.split={train: 0.6, val: 0.2, test: 0.2}", "train.epochs=2", "train.batch_size=16",
          "train.warmup_steps=2", "tune.max_concurrent_trials=2", "tune.epochs=2", "tune.cpus_per_trial=0.5",
          "tune.grace_period=1", "tune.reduction_factor=2"]
-# configs/local.yaml runs DINOv2 at 112 px; these tests pin the old tiny embedded settings (fast)
+# configs/local.yaml runs DINOv2 at 112 px on photos; these tests pin the tiny world (fast)
 TINY = ["extract.backbone.name=tiny-random", "synth.resolution=64", "extract.readouts=[map, mean]",
+        "synth.backgrounds=procedural", "synth.min_visible_share=0", "train.token_dropout=0",
         "eval.scorers=[\"frozen:map\", \"frozen:mean\", nearid]"]
 SMALL = [*TINY, *SMALL]
 
