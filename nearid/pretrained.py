@@ -328,25 +328,32 @@ def mean_pool_head_init_(head) -> Any:
     return head
 
 
-def frozen_readout_fallback(scorers: list[str]) -> list[str]:
-    """Scorers for the tiny random SigLIP that replaces a DINOv2 backbone: it has no CLS token, so
-    `frozen:cls` becomes `frozen:map` (its attention-pooled readout); the others stay."""
-    out = ["frozen:map" if s == "frozen:cls" else s for s in scorers]
+# what the tiny random SigLIP offers in place of a DINOv2 readout: it has no CLS token, its
+# attention-pooled `map` readout stands in
+FALLBACK_READOUT = {"cls": "map"}
+
+
+def fallback_readouts(names: list[str], prefix: str = "") -> list[str]:
+    """`names` (readouts, or scorers with `prefix` "frozen:") for the tiny random SigLIP that
+    replaces a DINOv2 backbone: `cls` -> `map`, the others unchanged, duplicates dropped."""
+    out = [prefix + FALLBACK_READOUT.get(n[len(prefix):], n[len(prefix):]) if n.startswith(prefix) else n
+           for n in names]
     return list(dict.fromkeys(out))
 
 
 def with_available_backbone(cfg, cache_dir=None):
     """`cfg` itself, or, when its pretrained backbone cannot be had and the fallback is on, a copy
-    that runs the tiny random SigLIP: readouts `cls` -> `map` and the scorers following, so a job
-    on the default config finishes (one warning says so) instead of failing in its first actor.
-    Converting here, in the job driver, also means the actors on this machine find the cache."""
+    that runs the tiny random SigLIP with the readouts it has (`fallback_readouts`) and the scorers
+    following, so a job on the default config finishes (one warning says so) instead of failing in
+    its first actor. Converting here, in the job driver, also means the actors on this machine find
+    the cache."""
     name = cfg.extract.backbone.name
     if not is_pretrained_name(name) or _resolve(name, cache_dir) is not None:
         return cfg
     new = cfg.model_copy(deep=True)
     new.extract.backbone.name = "tiny-random"
-    new.extract.readouts = list(dict.fromkeys("map" if r == "cls" else r for r in cfg.extract.readouts))
-    new.eval.scorers = frozen_readout_fallback(cfg.eval.scorers)
+    new.extract.readouts = fallback_readouts(cfg.extract.readouts)
+    new.eval.scorers = fallback_readouts(cfg.eval.scorers, "frozen:")
     log.warning("this run uses extract.backbone.name=tiny-random, readouts %s, scorers %s (the tiny "
                 "random SigLIP cannot tell look-alikes apart: its numbers are not the README's)",
                 new.extract.readouts, new.eval.scorers)

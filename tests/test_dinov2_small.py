@@ -316,3 +316,13 @@ def test_a_job_on_the_default_config_without_the_wheel(no_wheel, tmp_path):
     errors = [line for line in p.stderr.splitlines() if "error:" in line]
     assert p.returncode == 2 and len(errors) == 1 and "extract.backbone.name" in errors[0], p.stderr[-3000:]
     assert "Traceback" not in p.stderr
+
+
+def test_stages_without_the_backbone_do_not_resolve_it(no_wheel, monkeypatch, tmp_path):
+    from jobs._common import parse
+
+    monkeypatch.setenv(P.ENV_FALLBACK, "0")     # resolving would raise: no wheel, no download
+    for stage in ("synth", "generate"):
+        _, cfg, _ = parse(stage, "test", ["--config", str(ROOT / "configs/local.yaml"),
+                                          "--set", f"run.root={tmp_path / stage}"])
+        assert cfg.extract.backbone.name == "dinov2-small@112", stage
