@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nearid import numerics
 from nearid.backbone import load_backbone
 from nearid.generate.masks import composite, dilate_mask
 from nearid.generate.procedural import ProceduralBackend
@@ -206,7 +207,9 @@ def extract(data: WorldData, mc: ModelConfig, batch: int = 64, cache_key: str | 
     """Frozen tokens [n, S*V, T, D] (fp16) and the backbone's frozen readouts (map / mean / cls,
     as it has them): [n, S*V, D] (unit). A named backbone's tokens are cached under CACHE_DIR."""
     backbone = _backbone(mc)
-    path = CACHE_DIR / f"tokens-{cache_key}-{mc.backbone}.pt" if cache_key and mc.backbone != "tiny-random" else None
+    tag = f"{cache_key}-{mc.backbone}-{numerics.describe()}"
+    tag = hashlib.blake2b(tag.encode(), digest_size=8).hexdigest()
+    path = CACHE_DIR / f"tokens-{tag}.pt" if cache_key and mc.backbone != "tiny-random" else None
     if path is not None and path.exists():
         saved = torch.load(path)
         return backbone, saved["tokens"], {k: v.numpy() for k, v in saved["readouts"].items()}

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .numerics import rowwise
 from .pretrained import is_pretrained_name
 from .storage import download_s3_dir  # noqa: F401 - re-exported for nearid.model
 from torch import nn
@@ -214,7 +215,7 @@ class Backbone(nn.Module):
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if self.has_map_head:
-                out["map"] = self.model.head(tokens)
+                out["map"] = rowwise(self.model.head, tokens)   # batch-independent (numerics)
             out["mean"] = tokens[:, self.num_prefix_tokens:].mean(dim=1)
             if self.num_prefix_tokens:
                 out["cls"] = tokens[:, 0]

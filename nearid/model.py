@@ -30,6 +30,7 @@ from nearid.backbone import (
     processor_from_spec,
 )
 from nearid.head import MAPHead
+from nearid.numerics import rowwise
 from nearid.released import is_released_config, load_released
 
 FORMAT_NAME = "nearid-model"
@@ -75,10 +76,14 @@ class NearIDModel(nn.Module):
         return self.head.hidden_size
 
     def embed_tokens(self, tokens: torch.Tensor, fast: bool = True) -> torch.Tensor:
-        """Backbone tokens [B, T, D] -> unit-norm embeddings [B, D] (differentiable)."""
+        """Backbone tokens [B, T, D] -> unit-norm embeddings [B, D] (differentiable). Without
+        autograd (scoring, evaluation) each image is pooled on its own (`numerics.rowwise`), so an
+        embedding does not depend on the batch it came in."""
         head_param = self.head.probe
         tokens = tokens.to(device=head_param.device, dtype=head_param.dtype)
-        return F.normalize(self.head(tokens, fast=fast), dim=-1)
+        if torch.is_grad_enabled():
+            return F.normalize(self.head(tokens, fast=fast), dim=-1)
+        return F.normalize(rowwise(lambda t: self.head(t, fast=fast), tokens), dim=-1)
 
     @torch.no_grad()
     def embed(self, images: list[Image.Image], batch_size: int = 32) -> torch.Tensor:

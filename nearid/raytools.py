@@ -7,12 +7,13 @@ import os
 import sys
 
 from . import faults
+from .numerics import ENV_KEYS as NUMERICS_ENV
 
 log = logging.getLogger("nearid")
 
 WORKER_ENV = {"HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "RAY_USAGE_STATS_ENABLED",
               "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_REGION",
-              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "NEARID_FAULT", "NEARID_ACTOR_LOG"}
+              "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "NEARID_FAULT", "NEARID_ACTOR_LOG", *NUMERICS_ENV}
 
 
 def record_placement(stage: str) -> None:

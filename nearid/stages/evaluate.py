@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..devices import to_host
+from ..numerics import fixed_threads
 from ..metrics import build_sims, margins, mh_score, mtg_scores, nearid_table
 from ..schema import GRADED, MTG, SIMS, check_columns, column_to_numpy
 
@@ -32,7 +33,14 @@ def eval_rows(cfg):
 
 
 def scorer_embeddings(storage, cfg, scorer: str, ray=None) -> pd.DataFrame:
-    """Embeddings (id, view, source, split, embedding) of every evaluation image for one scorer."""
+    """Embeddings (id, view, source, split, embedding) of every evaluation image for one scorer,
+    in key order (source, id, view): the order files were written in (blocks, actors) must not
+    reach a float sum of the report."""
+    emb = _scorer_embeddings(storage, cfg, scorer, ray)
+    return emb.sort_values(["source", "id", "view"], kind="stable", ignore_index=True)
+
+
+def _scorer_embeddings(storage, cfg, scorer: str, ray=None) -> pd.DataFrame:
     from .extract import read_features
 
     if scorer.startswith("frozen:"):
@@ -89,7 +97,7 @@ def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
         if t.num_rows == 0:
             continue
         tokens = torch.tensor(column_to_numpy(t["tokens"]).astype(np.float32))
-        with torch.no_grad():
+        with torch.no_grad(), fixed_threads():   # not the driver's core count
             emb = to_host(model.embed_tokens(tokens))
         df = t.select(["id", "view", "source", "split"]).to_pandas()
         df["embedding"] = list(emb)

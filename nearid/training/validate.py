@@ -7,6 +7,7 @@ import pandas as pd
 import torch
 
 from ..devices import to_host
+from ..numerics import rowwise
 from ..metrics import nearid_scores, nearid_table
 from .items import N_VIEWS
 
@@ -50,7 +51,7 @@ def embed_items(head, tokens: torch.Tensor, chunk: int = 512) -> np.ndarray:
     device = next(head.parameters()).device
     for i in range(0, flat.shape[0], chunk):
         x = flat[i:i + chunk].to(device=device, dtype=dtype)
-        out.append(torch.nn.functional.normalize(head(x).float(), dim=-1))
+        out.append(torch.nn.functional.normalize(rowwise(head, x).float(), dim=-1))
     return to_host(torch.cat(out).reshape(n, slots, -1))
 
 
