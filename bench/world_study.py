@@ -46,6 +46,7 @@ from nearid.training.validate import item_sims
 
 DEFAULT_SETTINGS = (("flux", 1), ("sdxl", 2), ("powerpaint", 1))
 CACHE_DIR = Path("/tmp/nearid_world_cache")
+EXTRACT_THREADS = 2   # tokens depend on the thread count: cached tokens are always made with this many
 N_POSITIVES, N_DISTRACTORS = 2, 3   # slots drawn per item: the production defaults (train config)
 
 
@@ -65,9 +66,13 @@ class WorldConfig:
     backgrounds: str = "procedural"  # or "photo" (nearid.synth.photos)
     area_range: tuple[float, float] = (0.15, 0.32)
     min_visible_share: float = 0.0   # re-draw look-alikes whose change is less visible (synth.visibility)
+    lookalike_attributes: tuple[str, ...] | None = None   # None: all five may change
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True) + _world_fingerprint()
+        fields_ = asdict(self)
+        if fields_["lookalike_attributes"] is None:   # keys of worlds rendered before the field existed
+            fields_.pop("lookalike_attributes")
+        blob = json.dumps(fields_, sort_keys=True) + _world_fingerprint()
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
 
@@ -175,10 +180,12 @@ def render_world(wc: WorldConfig, use_cache: bool = True) -> WorldData:
                     out, _ = world.render_distractor(id_, v, variant)
                 else:
                     prompt = near_identity_prompt(spec.category, description, seed=seed,
-                                                  n_changes=n_changes, closeness=wc.closeness, **vis)
+                                                  n_changes=n_changes, closeness=wc.closeness,
+                                                  attributes=wc.lookalike_attributes, **vis)
                     if vis:
                         redrawn += visible_near_identity(spec, seed, n_changes=n_changes, closeness=wc.closeness,
-                                                         res=res, area=vis["area"], min_share=vis["min_share"])[1] > 0
+                                                         res=res, area=vis["area"], min_share=vis["min_share"],
+                                                         attributes=wc.lookalike_attributes)[1] > 0
                     variant = parse(prompt)
                     gen = backend.inpaint([img], [dilated], [prompt], [seed])[0]
                     out = composite(img, gen, dilated)
@@ -219,15 +226,16 @@ def extract(data: WorldData, mc: ModelConfig, batch: int = 64, cache_key: str | 
     flat = data.images.reshape(n * S * V, *data.images.shape[3:])
     toks, reads = [], {}
     same_size = flat.shape[1] == backbone.image_size and backbone.kind == "siglip"
-    for s in range(0, flat.shape[0], batch):
-        if same_size:  # the processor's resize is a no-op here: rescale + normalise directly
-            pix = torch.from_numpy(flat[s:s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        else:
-            pix = backbone.preprocess([Image.fromarray(a) for a in flat[s:s + batch]])
-        t = backbone.tokens(pix).float()
-        for k, r in backbone.readouts(tokens=t).items():
-            reads.setdefault(k, []).append(torch.nn.functional.normalize(r, dim=-1))
-        toks.append(t.half())
+    with numerics.fixed_threads(EXTRACT_THREADS):
+        for s in range(0, flat.shape[0], batch):
+            if same_size:  # the processor's resize is a no-op here: rescale + normalise directly
+                pix = torch.from_numpy(flat[s:s + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            else:
+                pix = backbone.preprocess([Image.fromarray(a) for a in flat[s:s + batch]])
+            t = backbone.tokens(pix).float()
+            for k, r in backbone.readouts(tokens=t).items():
+                reads.setdefault(k, []).append(torch.nn.functional.normalize(r, dim=-1))
+            toks.append(t.half())
     tokens = torch.cat(toks).reshape(n, S * V, *toks[0].shape[1:])
     readouts = {k: torch.cat(v).reshape(n, S * V, -1) for k, v in reads.items()}
     if path is not None:

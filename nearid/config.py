@@ -50,6 +50,9 @@ class SynthConfig(Strict):
     resolution: int = Field(64, ge=32, le=1024)
     split: dict[str, float] = {"train": 0.8, "val": 0.05, "test": 0.15}
     closeness: float = Field(1.0, ge=0.0, le=1.0)
+    # what a look-alike may change (null: all five of color1, color2, pattern, shape, parts);
+    # [shape, pattern, parts] keeps its colours: nearer its identity than a random other (world_study.md)
+    lookalike_attributes: list[str] | None = None
     # "photo": backgrounds cut from the real photos that ship in wheels (nearid.synth.photos),
     # falling back to the procedural ones (warned) where they cannot be had
     backgrounds: Literal["procedural", "photo"] = "procedural"

@@ -20,7 +20,7 @@ def near_identity_prompt(category: str, description: str, *, seed: int, n_change
                          vocab: Mapping | None = None, template: str = "{description}",
                          fallback_template: str = FALLBACK_TEMPLATE, closeness: float = 1.0,
                          visible_at: int | None = None, area: float = 0.25,
-                         min_share: float = MIN_VISIBLE_SHARE) -> str:
+                         min_share: float = MIN_VISIBLE_SHARE, attributes=None) -> str:
     """Deterministic (per seed) prompt for a look-alike of `description`.
 
     vocab: {category: {"colors"|"patterns"|"parts": [tokens]}} restricts which alternatives a
@@ -29,6 +29,7 @@ def near_identity_prompt(category: str, description: str, *, seed: int, n_change
     A parsed description keeps its own category; `category` is used only by the fallback.
     visible_at: the rendered resolution; when given, a look-alike whose change covers less than
     `min_share` of the image (the object at `area` of it) is re-drawn (nearid.synth.visibility).
+    attributes: which attributes the look-alike may change (None: all; `synth.lookalike_attributes`).
     """
     if n_changes not in range(1, len(ATTRIBUTES) + 1):
         raise ValueError(f"n_changes: expected 1..{len(ATTRIBUTES)} (one per attribute), got {n_changes!r}")
@@ -40,7 +41,8 @@ def near_identity_prompt(category: str, description: str, *, seed: int, n_change
         return template.format(description=inner, category=category)
     variant, _ = visible_near_identity(spec, int(seed), n_changes=n_changes, closeness=closeness,
                                        res=visible_at or 0, area=area,
-                                       min_share=min_share if visible_at else 0.0, vocab=vocab)
+                                       min_share=min_share if visible_at else 0.0, vocab=vocab,
+                                       attributes=attributes)
     return template.format(description=describe(variant), category=spec.category)
 
 

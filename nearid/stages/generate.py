@@ -42,9 +42,9 @@ class Prepare:
     """CPU stage: decode + validate inputs and build prompts; failures are carried, not raised."""
 
     def __init__(self, setting: str, n_changes: int, dilation: int, run_seed: int, closeness: float = 1.0,
-                 visibility: dict | None = None):
+                 visibility: dict | None = None, attributes: list[str] | None = None):
         self.setting, self.n_changes, self.dilation, self.run_seed = setting, n_changes, dilation, run_seed
-        self.closeness, self.visibility = closeness, dict(visibility or {})
+        self.closeness, self.visibility, self.attributes = closeness, dict(visibility or {}), attributes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from ..generate.masks import dilate_mask
@@ -60,7 +60,7 @@ class Prepare:
                 mask_bytes = encode_png(dilate_mask(mask, self.dilation))
                 prompt = near_identity_prompt(r["category"], r["description"], seed=seed,
                                               n_changes=self.n_changes, closeness=self.closeness,
-                                              **self.visibility)
+                                              attributes=self.attributes, **self.visibility)
             except (BadImage, ValueError) as e:
                 err = str(e)
             for c, v in (("id", r["id"]), ("view", r["view"]), ("split", r["split"]),
@@ -170,7 +170,7 @@ def _run_generate(cfg, storage, ray, settings: list[str] | None, chunk_rows: int
             nblocks = max(1, min(g.num_actors * 4, table.num_rows // max(1, s.batch_size)))
             ds = ray.data.from_arrow(table).repartition(nblocks)
             ds = ds.map_batches(Prepare(name, s.n_changes, g.mask_dilation, cfg.run.seed, cfg.synth.closeness,
-                                        visibility_of(cfg.synth)),
+                                        visibility_of(cfg.synth), cfg.synth.lookalike_attributes),
                                 batch_format="pyarrow", num_cpus=0.25)
             ds = ds.map_batches(Inpaint, fn_constructor_args=(name, s.backend, s.params, s.resolution),
                                 batch_format="pyarrow", batch_size=s.batch_size,

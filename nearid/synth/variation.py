@@ -102,23 +102,38 @@ def attribute_weights(closeness: float) -> dict[str, float]:
             "shape": 0.5 + 0.5 * closeness, "parts": 1.0}
 
 
+def check_attributes(attributes: Sequence[str] | None) -> tuple[str, ...]:
+    """The attributes a look-alike may change (None: all five), validated, in canonical order."""
+    if attributes is None:
+        return ATTRIBUTES
+    unknown = [a for a in attributes if a not in ATTRIBUTES]
+    if unknown or not attributes:
+        raise ValueError(f"lookalike attributes: unknown {unknown} or none given; known: {list(ATTRIBUTES)}")
+    return tuple(a for a in ATTRIBUTES if a in attributes)
+
+
 def perturb(spec: IdentitySpec, rng: np.random.Generator | int, n_changes: int | None = None,
-            closeness: float = 1.0, vocab: Mapping | None = None) -> IdentitySpec:
-    """A look-alike of `spec`: same category, exactly `n_changes` distinct attributes changed.
+            closeness: float = 1.0, vocab: Mapping | None = None,
+            attributes: Sequence[str] | None = None) -> IdentitySpec:
+    """A look-alike of `spec`: same category, exactly `n_changes` distinct attributes changed,
+    drawn among `attributes` (default all five; e.g. shape/pattern/parts keeps the colours, so a
+    look-alike stays nearer its identity than a random other).
 
     n_changes=None draws 1 or 2 from `closeness`. Raises ValueError when fewer attributes than
-    requested can change (at most 5).
+    requested can change.
     """
     closeness = check_closeness(closeness)
     if not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     if n_changes is None:
         n_changes = 1 if rng.random() < closeness else 2
-    if not 0 <= int(n_changes) <= len(ATTRIBUTES):
-        raise ValueError(f"n_changes: expected 0..{len(ATTRIBUTES)}, got {n_changes}")
+    changeable = check_attributes(attributes)
+    if not 0 <= int(n_changes) <= len(changeable):
+        raise ValueError(f"n_changes: expected 0..{len(changeable)} (changeable: {list(changeable)}), "
+                         f"got {n_changes}")
     allowed = _vocab_for(spec.category, vocab)
     weights = attribute_weights(closeness)
-    remaining = list(ATTRIBUTES)
+    remaining = list(changeable)
     out = spec
     for _ in range(int(n_changes)):
         while True:

@@ -50,13 +50,14 @@ def visible_share(reference: IdentitySpec, variant: IdentitySpec, res: int, area
 
 def visible_near_identity(spec: IdentitySpec, seed: int, *, n_changes: int | None, closeness: float,
                           res: int, area: float = 0.25, min_share: float = MIN_VISIBLE_SHARE,
-                          vocab=None) -> tuple[IdentitySpec, int]:
+                          vocab=None, attributes=None) -> tuple[IdentitySpec, int]:
     """(look-alike, re-draws): `perturb(spec, seed)`, else the first of seeds seed+1, seed+2, ...
     whose change is visible (visible_share >= min_share); after MAX_REDRAWS the most visible one
     drawn. min_share 0 keeps the first draw."""
     best, best_share = None, -1.0
     for redraw in range(MAX_REDRAWS + 1):
-        variant = perturb(spec, int(seed) + redraw, n_changes=n_changes, closeness=closeness, vocab=vocab)
+        variant = perturb(spec, int(seed) + redraw, n_changes=n_changes, closeness=closeness, vocab=vocab,
+                          attributes=attributes)
         if min_share <= 0:
             return variant, 0
         share = visible_share(spec, variant, int(res), float(area))
