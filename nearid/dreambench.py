@@ -181,7 +181,7 @@ def score_mh_pairs(pairs: pd.DataFrame, model_dir: str, use_ray: bool = True, ac
         i = int(bad["pair"].iloc[0])
         raise RatingsError(f"pairs row {i} (method {pairs['method'][i]!r}, key {pairs['key'][i]!r}): "
                            f"{bad['error'].iloc[0]} ({len(bad)} unreadable pair(s))")
-    return out["score"].to_numpy(dtype=np.float64)
+    return 100.0 * out["score"].to_numpy(dtype=np.float64)  # the scores table holds the cosine
 
 
 def check_out_dir(out: str | Path) -> str:
