@@ -2,6 +2,7 @@
 
     nearid score REF.png GEN.png --model DIR
     nearid score --pairs pairs.csv --model DIR --out scores.json   # csv | json | parquet
+    nearid score --protocol --model DIR    # backbone, resolution, preprocessing, dtype, readout, dim
     nearid evaluate --config configs/local.yaml [--scorers frozen:map nearid]
     nearid report runs/demo            # every report under a run root, or one report dir
     nearid mh RATINGS_DIR              # DreamBench++ M-H of every scorer folder (nearid.dreambench)
@@ -20,6 +21,15 @@ def _score(args) -> int:
     from .model import NearIDModel, score_pairs
     from .score_io import ScoreIOError, output_format, read_pairs, write_scores
 
+    if args.protocol:
+        from .protocol import format_protocol
+
+        if args.images or args.pairs:
+            print("error: --protocol prints the model's protocol; give no images or --pairs", file=sys.stderr)
+            return 2
+        model = NearIDModel.from_pretrained(args.model)
+        print(format_protocol(model.protocol, model.protocol_source))
+        return 0
     if args.pairs:
         try:
             pairs = read_pairs(args.pairs)
@@ -77,13 +87,16 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("score", help="identity similarity of image pairs (cosine, -1..1)",
                        description="Cosine similarity in [-1, 1] of the NearID embeddings of REF and GEN, "
-                                   "or of every pair of a --pairs file.")
+                                   "or of every pair of a --pairs file; --protocol prints what the model "
+                                   "pins (backbone, resolution, preprocessing, dtype, readout, dim).")
     s.add_argument("images", nargs="*", help="REF GEN")
     s.add_argument("--model", required=True, help="NearID model dir (local or s3://)")
     s.add_argument("--pairs", help="CSV, JSON (list of objects) or Parquet with reference, generated columns")
     s.add_argument("--out", help="write the scores here (format from the extension: .csv, .json, .parquet)")
     s.add_argument("--format", choices=["csv", "json", "parquet"], default=None,
                    help="output format (default: from --out's extension; without --out: csv/json to stdout)")
+    s.add_argument("--protocol", action="store_true",
+                   help="print the model's pinned protocol (protocol.json, or what it loads with) and exit")
     e = sub.add_parser("evaluate", help="run the evaluation stage (Table 1, per-setting rows, plots)",
                        description="Evaluate scorers on every benchmark of a run root, as jobs.evaluate does.")
     from .launch import add_stage_args
