@@ -1,4 +1,5 @@
-"""Score (reference, generated) pairs with a NearID model over a Ray Data actor pool.
+"""Score (reference, generated) pairs with a NearID model over a Ray Data actor pool: a `scores`
+table of cosine similarities in [-1, 1] (as `nearid score`) and per-method means with 95 % CIs.
 
     python -m jobs.score --pairs pairs.parquet --model runs/demo/models/demo-train --out runs/scores
 """
@@ -32,7 +33,7 @@ def main(argv=None) -> dict:
     ray = init_ray(None)
     res = run_score(ray, args.pairs, args.model, storage, args.actors, args.batch_size)
     table = res["per_method"]
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))  # cosine, -1..1
     print(f"{res['scored']} of {res['pairs']} pairs scored, {res['rejected']} rejected; "
           f"scores: {storage.uri('scores')}")
     uri = args.tracking_uri or (f"sqlite:///{storage.base}/mlflow.db" if not storage.is_s3 else None)

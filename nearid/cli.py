@@ -1,7 +1,8 @@
 """`nearid` command line: score pairs with a model, run an evaluation, print a report.
 
     nearid score REF.png GEN.png --model DIR
-    nearid score --pairs pairs.csv --model DIR --out scores.csv
+    nearid score --pairs pairs.csv --model DIR --out scores.json   # csv | json | parquet
+    nearid score --protocol --model DIR    # backbone, resolution, preprocessing, dtype, readout, dim
     nearid evaluate --config configs/local.yaml [--scorers frozen:map nearid]
     nearid report runs/demo            # every report under a run root, or one report dir
     nearid mh RATINGS_DIR              # DreamBench++ M-H of every scorer folder (nearid.dreambench)
@@ -18,23 +19,34 @@ from pathlib import Path
 
 def _score(args) -> int:
     from .model import NearIDModel, score_pairs
+    from .score_io import ScoreIOError, output_format, read_pairs, write_scores
 
-    if args.pairs:
-        import pandas as pd
+    if args.protocol:
+        from .protocol import format_protocol
 
-        pairs = pd.read_csv(args.pairs) if args.pairs.endswith(".csv") else pd.read_parquet(args.pairs)
-        missing = [c for c in ("reference", "generated") if c not in pairs.columns]
-        if missing:
-            print(f"error: {args.pairs} is missing columns {missing}", file=sys.stderr)
+        if args.images or args.pairs:
+            print("error: --protocol prints the model's protocol; give no images or --pairs", file=sys.stderr)
             return 2
         model = NearIDModel.from_pretrained(args.model)
-        pairs["score"] = score_pairs(model, list(zip(pairs["reference"], pairs["generated"])))
-        if args.out:
-            pairs.to_csv(args.out, index=False) if args.out.endswith(".csv") else pairs.to_parquet(args.out)
-            print(f"wrote {len(pairs)} scores to {args.out}")
-        else:
-            print(pairs.to_string(index=False))
+        print(format_protocol(model.protocol, model.protocol_source))
         return 0
+    if args.pairs:
+        try:
+            pairs = read_pairs(args.pairs)
+            fmt = output_format(args.out, args.format)
+        except ScoreIOError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        model = NearIDModel.from_pretrained(args.model)
+        pairs = pairs.drop(columns=["score"], errors="ignore")
+        pairs["score"] = score_pairs(model, list(zip(pairs["reference"], pairs["generated"])))
+        done = write_scores(pairs, args.out, fmt)
+        if done:
+            print(done)
+        return 0
+    if args.out or args.format:
+        print("error: --out and --format go with --pairs FILE", file=sys.stderr)
+        return 2
     if len(args.images) != 2:
         print("error: give REF and GEN images, or --pairs FILE", file=sys.stderr)
         return 2
@@ -73,11 +85,18 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("score", help="identity similarity of image pairs")
+    s = sub.add_parser("score", help="identity similarity of image pairs (cosine, -1..1)",
+                       description="Cosine similarity in [-1, 1] of the NearID embeddings of REF and GEN, "
+                                   "or of every pair of a --pairs file; --protocol prints what the model "
+                                   "pins (backbone, resolution, preprocessing, dtype, readout, dim).")
     s.add_argument("images", nargs="*", help="REF GEN")
     s.add_argument("--model", required=True, help="NearID model dir (local or s3://)")
-    s.add_argument("--pairs", help="CSV/Parquet with reference, generated columns")
-    s.add_argument("--out", help="write scores here (.csv or .parquet)")
+    s.add_argument("--pairs", help="CSV, JSON (list of objects) or Parquet with reference, generated columns")
+    s.add_argument("--out", help="write the scores here (format from the extension: .csv, .json, .parquet)")
+    s.add_argument("--format", choices=["csv", "json", "parquet"], default=None,
+                   help="output format (default: from --out's extension; without --out: csv/json to stdout)")
+    s.add_argument("--protocol", action="store_true",
+                   help="print the model's pinned protocol (protocol.json, or what it loads with) and exit")
     e = sub.add_parser("evaluate", help="run the evaluation stage (Table 1, per-setting rows, plots)",
                        description="Evaluate scorers on every benchmark of a run root, as jobs.evaluate does.")
     from .launch import add_stage_args

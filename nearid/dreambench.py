@@ -20,6 +20,13 @@ r(scorer, group2), each rounded to 4 decimals as the reference does; then Fisher
 methods, tanh(mean(atanh(clip(r, +-0.9999)))). A method whose r is undefined (constant scores or
 fewer than two prompts) is left out of the FisherZ, as in the reference, and reported.
 
+Beside each M-H value `nearid mh` prints Krippendorff's alpha (interval) of the scorer against
+the humans (columns `alpha:<category>`, after the M-H columns): DreamBench++'s G-H protocol
+(per method, a 2 x N reliability matrix {scorer, group g}, alpha averaged over the two groups)
+with the scorer first mapped to the human scale (same mean and sd as the category's human
+ratings) and the methods averaged; `human1-vs-human2` gets alpha(group1, group2). Exact
+protocol: `dreambench_ratings.mh_alpha`.
+
 `mh-score` writes a new scorer folder from images: a PAIRS table (CSV or Parquet) with columns
 `method, key, reference, generated`, one row per generated image, where `method` is one of the
 human methods, `key` its rating key (`<category>_<NN>_<concept>-<prompt>_<image>`, the image's
@@ -174,7 +181,7 @@ def score_mh_pairs(pairs: pd.DataFrame, model_dir: str, use_ray: bool = True, ac
         i = int(bad["pair"].iloc[0])
         raise RatingsError(f"pairs row {i} (method {pairs['method'][i]!r}, key {pairs['key'][i]!r}): "
                            f"{bad['error'].iloc[0]} ({len(bad)} unreadable pair(s))")
-    return out["score"].to_numpy(dtype=np.float64)
+    return 100.0 * out["score"].to_numpy(dtype=np.float64)  # the scores table holds the cosine
 
 
 def check_out_dir(out: str | Path) -> str:

@@ -1,6 +1,6 @@
 """DreamBench++ ratings folders and M-H (the whole story: nearid/dreambench.py): keys and their
-reconciliation, reading human and scorer rating files, and the per-category M-H of every scorer
-folder (`mh_scores`, `format_mh`)."""
+reconciliation, reading human and scorer rating files, and the per-category M-H and
+Krippendorff's alpha of every scorer folder (`mh_scores`, `format_mh`)."""
 from __future__ import annotations
 
 import json
@@ -19,6 +19,8 @@ SCORER_DIR = re.compile(r"^data_(?P<name>.+)_rating$")
 CATEGORY_ORDER = ("object", "live_subject_animal", "live_subject_human", "style")
 KEY_ALIASES = {"rubik's_cube": "magic_cube"}
 CLIP = 0.9999
+# Krippendorff's alpha: scorer values on the human scale are rounded to this step (see mh_alpha)
+ALPHA_GRID = 0.05
 _CATEGORY = re.compile(r"^(?P<category>.+?)_\d+_")
 
 
@@ -173,7 +175,7 @@ def find_scorers(root: str | Path) -> list[tuple[str, Path]]:
     return out
 
 
-# ----------------------------------------------------------------------------- M-H
+# ----------------------------------------------------------------------------- Pearson
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson r; NaN when undefined (fewer than two points or a constant side)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
@@ -192,12 +194,82 @@ def _fisher(per_method: dict[str, float]) -> float:
     return fisher_z_mean(rs, clip=CLIP) if rs else float("nan")
 
 
+# ----------------------------------------------------------------------------- Krippendorff's alpha
+def interval_alpha(a: np.ndarray, b: np.ndarray) -> float:
+    """Krippendorff's alpha, interval level, of two raters over the same units (the `krippendorff`
+    package); NaN when undefined (every value the same)."""
+    import krippendorff
+
+    data = np.vstack([np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)])
+    if len(np.unique(data)) < 2:
+        return float("nan")
+    return float(krippendorff.alpha(reliability_data=data, level_of_measurement="interval"))
+
+
+def to_human_scale(scores: np.ndarray, human: np.ndarray) -> np.ndarray:
+    """Scorer values mapped linearly onto the human scale, then rounded to ALPHA_GRID: the same
+    mean and (population) standard deviation as `human` (every human rating of the scope, both
+    groups); a constant scorer maps to the human mean."""
+    s, h = np.asarray(scores, dtype=np.float64), np.asarray(human, dtype=np.float64)
+    sd = s.std()
+    z = (s - s.mean()) / sd if sd > 0 else np.zeros_like(s)
+    steps = round(1 / ALPHA_GRID)  # k / 20, not k * 0.05: 0.15, not 0.15000000000000002
+    return np.round((z * h.std() + h.mean()) * steps) / steps
+
+
+def _mean(values) -> float:
+    vs = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vs)) if vs else float("nan")
+
+
+def mh_alpha(scores: dict[str, np.ndarray], human: dict[str, HumanRatings], category: str):
+    """Krippendorff's alpha (interval) of a scorer against the humans within one category.
+
+    The protocol (DreamBench++'s G-H alpha, `krippendorff_analysis.py`, made scale-free):
+    1. Put the scorer on the human scale. Within the category, over all methods' prompts
+       together, the scorer values are mapped linearly to the mean and standard deviation of the
+       human ratings of the same prompts (both groups), then rounded to ALPHA_GRID (0.05 of a
+       rating point: the package holds units x values x values in memory, so continuous values
+       must be binned; on the vendored published ratings the binning moves a category's alpha by
+       < 0.001 and a method's by < 0.005 against the unbinned closed form). Between-method
+       differences in level stay in the data: a scorer that rates a weak method as high as a
+       strong one loses agreement, which Pearson within each method cannot see.
+    2. Per method: reliability data matrix of 2 raters x N prompts, rows {scorer on the human
+       scale, group g}, one call per group g; alpha of the method = mean over the 2 groups (as
+       DreamBench++ averages G-H over its human groups).
+    3. The category value: the arithmetic mean over methods (alpha is not a correlation, so no
+       FisherZ); a method whose alpha is undefined is left out.
+    Returns (category alpha, {method: alpha}).
+    """
+    sel = {m: h.categories == category for m, h in human.items()}
+    sel = {m: v for m, v in sel.items() if v.any()}
+    pooled_s = np.concatenate([scores[m][v] for m, v in sel.items()])
+    pooled_h = np.concatenate([np.r_[human[m].g1[v], human[m].g2[v]] for m, v in sel.items()])
+    mapped = to_human_scale(pooled_s, pooled_h)
+    per_method, start = {}, 0
+    for m, v in sel.items():
+        s = mapped[start:start + int(v.sum())]
+        start += int(v.sum())
+        per_method[m] = _mean(interval_alpha(s, g[v]) for g in (human[m].g1, human[m].g2))
+    return _mean(per_method.values()), per_method
+
+
+def human_alpha(human: dict[str, HumanRatings], category: str) -> float:
+    """Inter-group alpha (DreamBench++ H-H): per method alpha(group1, group2), mean over methods."""
+    return _mean(interval_alpha(h.g1[h.categories == category], h.g2[h.categories == category])
+                 for h in human.values() if (h.categories == category).any())
+
+
+# ----------------------------------------------------------------------------- M-H
 def mh_scores(root: str | Path) -> dict:
-    """M-H of every scorer folder under `root`, per category present in the human ratings.
+    """M-H and Krippendorff's alpha of every scorer folder under `root`, per category present in
+    the human ratings.
 
     Returns {"categories": [...], "methods": [...], "n": {category: prompts per method},
     "scorers": {name: {category: M-H}}, "human": {category: FisherZ of r(group1, group2)},
-    "per_method": {name: {category: {method: mean r}}}, "undefined": [(name, category, method)]}.
+    "per_method": {name: {category: {method: mean r}}}, "undefined": [(name, category, method)],
+    "alpha": {name: {category: alpha}} (`mh_alpha`), "alpha_per_method": {name: {category:
+    {method: alpha}}}, "human_alpha": {category: alpha(group1, group2)} (`human_alpha`)}.
     Raises RatingsError naming the file and key of the first problem.
     """
     root = Path(root)
@@ -209,10 +281,12 @@ def mh_scores(root: str | Path) -> dict:
     out = {"categories": categories, "methods": list(human),
            "n": {c: int(sum((h.categories == c).sum() for h in human.values()) // len(human))
                  for c in categories},
-           "scorers": {}, "human": {}, "per_method": {}, "undefined": []}
+           "scorers": {}, "human": {}, "per_method": {}, "undefined": [],
+           "alpha": {}, "alpha_per_method": {}, "human_alpha": {}}
     for c in categories:
         out["human"][c] = _fisher({m: _r4(h.g1[h.categories == c], h.g2[h.categories == c])
                                    for m, h in human.items()})
+        out["human_alpha"][c] = human_alpha(human, c)
     for name, folder in scorers:
         files = {p.stem: p for p in folder.glob("*.json")}
         for stem, p in sorted(files.items()):
@@ -220,11 +294,12 @@ def mh_scores(root: str | Path) -> dict:
                 raise RatingsError(f"{p}: no human ratings for method {stem!r} "
                                    f"(methods: {', '.join(human)})")
         per_cat: dict[str, dict[str, float]] = {c: {} for c in categories}
+        aligned = {}
         for m, h in human.items():
             if m not in files:
                 raise RatingsError(f"{folder / (m + '.json')}: file not found (scorer {name!r} "
                                    f"must rate every method of the human ratings)")
-            s = h.align(read_ratings(files[m]), files[m])
+            s = aligned[m] = h.align(read_ratings(files[m]), files[m])
             for c in categories:
                 sel = h.categories == c
                 if not sel.any():
@@ -235,23 +310,33 @@ def mh_scores(root: str | Path) -> dict:
                     out["undefined"].append((name, c, m))
         out["per_method"][name] = per_cat
         out["scorers"][name] = {c: _fisher(per_cat[c]) for c in categories}
+        alphas = {c: mh_alpha(aligned, human, c) for c in categories}
+        out["alpha"][name] = {c: a for c, (a, _) in alphas.items()}
+        out["alpha_per_method"][name] = {c: pm for c, (_, pm) in alphas.items()}
     return out
 
 
 def format_mh(res: dict) -> str:
-    """One line per scorer (its folder name, then M-H per category), then the human ceiling."""
+    """One line per scorer (its folder name, then M-H per category, then Krippendorff's alpha per
+    category in the columns `alpha:<category>`), then the human ceiling. The M-H columns come
+    first, so a reader that takes a scorer's first values (or zips them with the header) still
+    gets M-H."""
     cats = res["categories"]
     names = list(res["scorers"])
     width = max([len(n) for n in names] + [len("human1-vs-human2"), len("scorer")])
-    cols = [max(len(c), 7) for c in cats]
+    heads = list(cats) + [f"alpha:{c}" for c in cats]
+    cols = [max(len(c), 7) for c in heads]
 
-    def line(name, values):
-        return "  ".join([name.ljust(width)] + [f"{v:.4f}".rjust(w) for v, w in zip(values, cols)])
+    def line(name, mh, alpha):
+        return "  ".join([name.ljust(width)] + [f"{v:.4f}".rjust(w) for v, w in zip([*mh, *alpha], cols)])
 
     lines = [f"DreamBench++ M-H: Pearson vs 2 human groups per method, FisherZ over "
-             f"{len(res['methods'])} methods",
-             "  ".join(["scorer".ljust(width)] + [c.rjust(w) for c, w in zip(cats, cols)])]
-    lines += [line(n, [res["scorers"][n][c] for c in cats]) for n in names]
-    lines.append(line("human1-vs-human2", [res["human"][c] for c in cats]))
+             f"{len(res['methods'])} methods; alpha: Krippendorff's interval alpha vs each group "
+             f"(scorer mapped to the human scale), mean over groups and methods",
+             "  ".join(["scorer".ljust(width)] + [c.rjust(w) for c, w in zip(heads, cols)])]
+    lines += [line(n, [res["scorers"][n][c] for c in cats], [res["alpha"][n][c] for c in cats])
+              for n in names]
+    lines.append(line("human1-vs-human2", [res["human"][c] for c in cats],
+                      [res["human_alpha"][c] for c in cats]))
     lines.append("prompts per method: " + ", ".join(f"{c} {res['n'][c]}" for c in cats))
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from .tracking import use_local_proxied_artifacts
 REGISTERED_MODEL = "nearid"
 MODEL_DIR_ARTIFACT = "model_dir"
 INPUT_COLUMNS = ("reference", "generated")
-MODEL_FILES = ("config.json", "model.safetensors", "README.md")
+MODEL_FILES = ("config.json", "model.safetensors", "README.md", "protocol.json")  # protocol.json if present
 
 use_local_proxied_artifacts()   # `models:/nearid/1` of a SQLite store loads without a server
 

@@ -2,7 +2,9 @@
 
 A model directory holds `config.json` (format version, backbone reference, head dims),
 `model.safetensors` (head weights under `head.`, backbone weights under `backbone.` only
-when the backbone cannot be rebuilt from its name) and a `README.md` model card. Loading
+when the backbone cannot be rebuilt from its name), `protocol.json` (the scoring protocol it
+pins: backbone id/revision, resolution, preprocessing, dtype, readout, embedding dim; checked on
+load, see nearid/protocol.py) and a `README.md` model card. Loading
 reads safetensors only and refuses directories that contain pickle-based weight files.
 `from_pretrained` also loads the released NearID checkpoint layout (see nearid/released.py)
 from a local dir, an `s3://` prefix or a Hugging Face Hub id, without running its code.
@@ -31,7 +33,8 @@ from nearid.backbone import (
 )
 from nearid.head import MAPHead
 from nearid.numerics import rowwise
-from nearid.released import is_released_config, load_released
+from nearid.protocol import PROTOCOL_FILE, check_protocol, model_protocol, read_protocol, write_protocol
+from nearid.released import is_released_config, load_released, stored_dtype
 
 FORMAT_NAME = "nearid-model"
 FORMAT_VERSION = 1
@@ -136,7 +139,7 @@ class NearIDModel(nn.Module):
     def save_pretrained(
         self, directory: str | os.PathLike, metrics: dict | None = None, save_backbone: bool | None = None
     ) -> Path:
-        """Write config.json, model.safetensors and README.md into `directory`.
+        """Write config.json, model.safetensors, protocol.json and README.md into `directory`.
 
         `save_backbone=None` stores backbone weights only when the backbone cannot be
         reloaded by name; False with such a backbone raises ValueError.
@@ -155,6 +158,8 @@ class NearIDModel(nn.Module):
         save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
         config = self._config_dict(save_backbone)
         (out / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_protocol(out, model_protocol(self, dtype=tensors[HEAD_DTYPE_TENSOR].dtype,
+                                           weights_included=save_backbone))
         (out / CARD_FILE).write_text(model_card(config, metrics))
         return out
 
@@ -191,7 +196,7 @@ class NearIDModel(nn.Module):
             raise ValueError(f"{config_path}: not valid JSON ({err})") from None
         if is_released_config(config):
             backbone, head = load_released(directory, config, config_path, name=path_str)
-            model = cls(backbone, head)
+            model = _with_protocol(cls(backbone, head), directory, weights_included=True)
             return model.to(device=device, dtype=dtype) if dtype else model.to(device)
         _check_format(config, config_path)
         weights_path = directory / WEIGHTS_FILE
@@ -219,8 +224,25 @@ class NearIDModel(nn.Module):
             backbone.model.load_state_dict(
                 {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
             )
-        model = cls(backbone, head)
+        model = _with_protocol(cls(backbone, head), directory, bool(backbone_cfg.get("weights_included")))
         return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+HEAD_DTYPE_TENSOR = "head.probe"   # the stored dtype a protocol names is this tensor's
+
+
+def _with_protocol(model: NearIDModel, directory: Path, weights_included: bool) -> NearIDModel:
+    """Set `model.protocol`: protocol.json once it agrees with what loaded (ProtocolMismatch naming
+    the field otherwise), or the protocol derived from the loaded model for dirs without one."""
+    loaded = model_protocol(model, dtype=stored_dtype(directory, HEAD_DTYPE_TENSOR),
+                            weights_included=weights_included)
+    saved = read_protocol(directory)
+    if saved is None:
+        model.protocol, model.protocol_source = loaded, f"derived from {CONFIG_FILE} (no {PROTOCOL_FILE})"
+    else:
+        check_protocol(saved, loaded, directory / PROTOCOL_FILE)
+        model.protocol, model.protocol_source = saved, f"{directory / PROTOCOL_FILE} (checked on load)"
+    return model
 
 
 def _hub_offline() -> bool:

@@ -115,11 +115,13 @@ def _weight_files(directory: Path, label: str) -> tuple[list[Path], Path]:
     return files, index
 
 
-def stored_dtype(directory: Path) -> torch.dtype:
-    """The floating dtype the checkpoint's tensors are stored in (fp16 for the release)."""
+def stored_dtype(directory: Path, tensor: str | None = None) -> torch.dtype:
+    """The floating dtype the checkpoint's tensors are stored in (fp16 for the release); that of
+    `tensor` where the (first) weights file has it."""
     files, _ = _weight_files(Path(directory), str(directory))
     with safe_open(str(files[0]), framework="pt") as handle:
-        for name in handle.keys():
+        names = list(handle.keys())
+        for name in ([tensor] if tensor in names else []) + names:
             dtype = _SAFETENSORS_DTYPES.get(handle.get_slice(name).get_dtype())
             if dtype is not None:
                 return dtype

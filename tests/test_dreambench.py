@@ -38,15 +38,19 @@ def fisher(*rs: float) -> float:
     return math.tanh(sum(Z(max(-0.9999, min(0.9999, r))) for r in rs) / len(rs))
 
 
-def table(out: str) -> dict[str, list[float]]:
-    """`nearid mh` stdout -> {scorer: [values in column order]}; also the header's columns."""
+def table(out: str, alpha: bool = False) -> dict[str, list[float]]:
+    """`nearid mh` stdout -> {scorer: [M-H values in column order]}; also the header's columns.
+    alpha=True: the Krippendorff's alpha columns (`alpha:<category>`) instead."""
     lines = out.strip().splitlines()
-    rows = {"columns": lines[1].split()[1:]}
+    head = lines[1].split()[1:]
+    keep = [i for i, c in enumerate(head) if c.startswith("alpha:") == alpha]
+    rows = {"columns": [head[i].removeprefix("alpha:") for i in keep]}
     for ln in lines[2:]:
         parts = ln.split()
         if parts[0].startswith("prompts"):
             continue
-        rows[parts[0]] = [float(v) for v in parts[1:]]
+        assert len(parts) == len(head) + 1, ln
+        rows[parts[0]] = [float(parts[1 + i]) for i in keep]
     return rows
 
 
@@ -95,6 +99,13 @@ def test_tiny_folder_known_answers():
     assert res["scorers"]["backbone"] == {"object": pytest.approx(0.75), "style": pytest.approx(0.75)}
     assert res["human"] == {"object": pytest.approx(0.5), "style": pytest.approx(0.5)}
     assert res["undefined"] == []
+    # Krippendorff's alpha (README.md of the fixture): 3 prompts, each side {0, 1, 2} on the human
+    # scale, so D_e = 48 / 30 and alpha = 1 - (sum of squared differences / 3) / 1.6
+    assert res["human_alpha"] == {"object": pytest.approx(7 / 12), "style": pytest.approx(7 / 12)}
+    assert res["alpha_per_method"]["nearid"]["object"] == {"emu2": pytest.approx(19 / 24),
+                                                           "blip_diffusion": pytest.approx(1 / 6)}
+    assert res["alpha"]["nearid"] == {"object": pytest.approx(23 / 48), "style": pytest.approx(-7 / 48)}
+    assert res["alpha"]["backbone"] == {"object": pytest.approx(19 / 24), "style": pytest.approx(19 / 24)}
 
 
 def test_cli_prints_one_line_per_scorer_folder(capsys):
@@ -106,6 +117,10 @@ def test_cli_prints_one_line_per_scorer_folder(capsys):
     assert rows["backbone"] == pytest.approx([0.75, 0.75], abs=1e-4)
     assert rows["human1-vs-human2"] == pytest.approx([0.5, 0.5], abs=1e-4)
     assert "0.4514" in out and err == ""
+    alpha = table(out, alpha=True)
+    assert alpha["columns"] == ["object", "style"]
+    assert alpha["nearid"] == pytest.approx([23 / 48, -7 / 48], abs=1e-4)
+    assert alpha["human1-vs-human2"] == pytest.approx([7 / 12, 7 / 12], abs=1e-4)
 
 
 def test_perfect_scorer_is_clipped_and_nested_scorer_folder_is_read(ratings):

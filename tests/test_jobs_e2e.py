@@ -386,15 +386,15 @@ def test_batch_scoring_job_and_cli(pipeline_run, tmp_path, ray_local, capsys):
     out = Storage.open(str(tmp_path / "scores")).read_table("scores").to_pandas().sort_values("pair")
     model = NearIDModel.from_pretrained(model_dir)
     a, b = (decode_image(open(paths[k], "rb").read()) for k in keys[:2])
-    expected = 100 * float(model.score([a], [b])[0])
-    assert abs(out["score"].iloc[0] - expected) < 1e-3
+    expected = float(model.score([a], [b])[0])       # the cosine, as `nearid score` prints it
+    assert abs(out["score"].iloc[0] - expected) < 1e-5
     assert "file not found" in out["error"].iloc[3]
     agg = res["per_method"].set_index("method")
     assert agg.loc["a", "n"] == 2 and agg.loc["a", "ci95_low"] <= agg.loc["a", "mean"] <= agg.loc["a", "ci95_high"]
 
     capsys.readouterr()
     assert cli.main(["score", paths[keys[0]], paths[keys[1]], "--model", model_dir]) == 0
-    assert abs(float(capsys.readouterr().out.strip()) * 100 - expected) < 1e-2
+    assert abs(float(capsys.readouterr().out.strip()) - expected) < 1e-4
     assert cli.main(["report", str(root)]) == 0
     assert "| nearid |" in capsys.readouterr().out
 

@@ -65,7 +65,8 @@ def test_embed_tokens_is_differentiable(model):
 
 def test_save_load_round_trip(model, tmp_path):
     model.save_pretrained(tmp_path, metrics={"ssr": 99.17, "pa": 99.71})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                          "protocol.json"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["format_version"] == 1
     assert config["backbone"] == {

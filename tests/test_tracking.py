@@ -90,7 +90,7 @@ def test_artifacts_survive_moving_the_run_folder(moved):
     assert run.info.artifact_uri.startswith("mlflow-artifacts:/nearid-local/")
     assert {a.path for a in client.list_artifacts(runs[0])} >= {"model", "report"}
     assert {a.path for a in client.list_artifacts(runs[0], "model")} == {
-        "model/config.json", "model/model.safetensors", "model/README.md"}
+        "model/config.json", "model/model.safetensors", "model/README.md", "model/protocol.json"}
     got = Path(client.download_artifacts(runs[0], "report/table.md", str(root.parent)))
     assert got.read_text() == "| a | b |\n"
     dl = Path(client.download_artifacts(runs[1], "model", str(root.parent / "dl")))
@@ -184,7 +184,8 @@ def test_ui_recipe_from_ui_hint_serves_artifacts_and_models_after_the_move(moved
                 time.sleep(0.5)
         # what the run page's artifact browser asks for
         files = _get(f"{base}/ajax-api/2.0/mlflow/artifacts/list?run_id={runs[0]}&path=model")["files"]
-        assert {f["path"] for f in files} == {"model/config.json", "model/model.safetensors", "model/README.md"}
+        assert {f["path"] for f in files} == {"model/config.json", "model/model.safetensors", "model/README.md",
+                                              "model/protocol.json"}
         lm = _get(f"{base}/ajax-api/2.0/mlflow/logged-models/{logged[0]['model_id']}/artifacts/directories"
                   "?artifact_directory_path=artifacts/model_dir")["files"]
         assert "artifacts/model_dir/model.safetensors" in {f["path"] for f in lm}

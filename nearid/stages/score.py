@@ -2,7 +2,9 @@
 
 A pairs table (Parquet or CSV, local or s3://) with `reference`, `generated` (paths/URLs or image
 bytes) and optional `method`, `prompt` is scored by a NearID model in a Ray Data actor pool into
-a `scores` table; unreadable images become rejects, never a silent drop.
+a `scores` table; unreadable images become rejects, never a silent drop. `score` is the cosine
+similarity of the two L2-normalised embeddings, in [-1, 1], the scale `nearid score` prints
+(DreamBench++ M-H's 100 * cos is applied by `nearid.dreambench.score_mh_pairs`, not here).
 """
 from __future__ import annotations
 
@@ -51,7 +53,7 @@ def _load(x, storage_options):
 
 
 class ScorePairs:
-    """Actor: the model loads once; each batch of pairs gets cosine scores (x100, DB++ style)."""
+    """Actor: the model loads once; each batch of pairs gets cosine scores in [-1, 1]."""
 
     def __init__(self, model_dir: str, storage_options: dict | None = None):
         from ..model import NearIDModel
@@ -73,7 +75,7 @@ class ScorePairs:
         scores = np.full(len(rows), np.nan)
         if ok:
             s = to_host(self.model.score([refs[i] for i in ok], [gens[i] for i in ok]))
-            scores[ok] = 100.0 * s
+            scores[ok] = s
         return pa.table({"pair": t["pair"], "method": t["method"], "prompt": t["prompt"],
                          "reference": pa.array([str(r["reference"])[:200] if not isinstance(
                              r["reference"], bytes) else "<bytes>" for r in rows]),

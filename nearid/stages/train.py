@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..config import config_to_dict, flatten
+from ..protocol import PROTOCOL_FILE
 from ..raytools import write_dataset
 from ..schema import flatten_tokens, items_table
 from ..training.items import group_items, group_key, item_sources, mtg_as_rows
@@ -236,7 +237,9 @@ def publish_model(ckpt, storage, rel: str, published: dict | None = None) -> Non
     """Copy the model files of a checkpoint into `models/<run>` (config, weights, card); the
     card says which checkpoint this is."""
     with ckpt.as_directory() as d:
-        for name in ("config.json", "model.safetensors", "README.md"):
+        for name in ("config.json", "model.safetensors", "README.md", PROTOCOL_FILE):
+            if name == PROTOCOL_FILE and not Path(d, name).is_file():
+                continue                      # a checkpoint written before protocol.json existed
             data = Path(d, name).read_bytes()
             if name == "README.md" and published:
                 val = ", ".join(f"{k} {v:.2f}" for k, v in published["val"].items()
@@ -252,7 +255,9 @@ def _local_copy(storage, rel: str) -> str:
     import tempfile
 
     out = tempfile.mkdtemp(prefix="nearid-model-")
-    for name in ("config.json", "model.safetensors", "README.md"):
+    for name in ("config.json", "model.safetensors", "README.md", PROTOCOL_FILE):
+        if name == PROTOCOL_FILE and not storage.exists(f"{rel}/{name}"):
+            continue
         Path(out, name).write_bytes(storage.read_bytes(f"{rel}/{name}"))
     return out
 
