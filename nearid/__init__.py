@@ -3,3 +3,14 @@
 from .numerics import pin as _pin_numerics
 
 _pin_numerics()
+
+__all__ = ["NearIDScore"]
+
+
+def __getattr__(name: str):
+    # lazy: `import nearid` (pinning numerics) must not import torch
+    if name == "NearIDScore":
+        from .score_metric import NearIDScore
+
+        return NearIDScore
+    raise AttributeError(f"module 'nearid' has no attribute {name!r}")

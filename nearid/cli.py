@@ -18,7 +18,8 @@ from pathlib import Path
 
 
 def _score(args) -> int:
-    from .model import NearIDModel, score_pairs
+    from .model import score_pairs
+    from .score_metric import load_model
     from .score_io import ScoreIOError, output_format, read_pairs, write_scores
 
     if args.protocol:
@@ -27,7 +28,7 @@ def _score(args) -> int:
         if args.images or args.pairs:
             print("error: --protocol prints the model's protocol; give no images or --pairs", file=sys.stderr)
             return 2
-        model = NearIDModel.from_pretrained(args.model)
+        model = load_model(args.model)
         print(format_protocol(model.protocol, model.protocol_source))
         return 0
     if args.pairs:
@@ -37,7 +38,7 @@ def _score(args) -> int:
         except ScoreIOError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        model = NearIDModel.from_pretrained(args.model)
+        model = load_model(args.model)
         pairs = pairs.drop(columns=["score"], errors="ignore")
         pairs["score"] = score_pairs(model, list(zip(pairs["reference"], pairs["generated"])))
         done = write_scores(pairs, args.out, fmt)
@@ -50,7 +51,7 @@ def _score(args) -> int:
     if len(args.images) != 2:
         print("error: give REF and GEN images, or --pairs FILE", file=sys.stderr)
         return 2
-    model = NearIDModel.from_pretrained(args.model)
+    model = load_model(args.model)
     print(f"{score_pairs(model, [tuple(args.images)])[0]:.4f}")
     return 0
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
                                    "or of every pair of a --pairs file; --protocol prints what the model "
                                    "pins (backbone, resolution, preprocessing, dtype, readout, dim).")
     s.add_argument("images", nargs="*", help="REF GEN")
-    s.add_argument("--model", required=True, help="NearID model dir (local or s3://)")
+    s.add_argument("--model", required=True, help="NearID model dir (local, s3://, hub id), released checkpoint dir or models:/<name>/<version> (MLflow; MLFLOW_TRACKING_URI)")
     s.add_argument("--pairs", help="CSV, JSON (list of objects) or Parquet with reference, generated columns")
     s.add_argument("--out", help="write the scores here (format from the extension: .csv, .json, .parquet)")
     s.add_argument("--format", choices=["csv", "json", "parquet"], default=None,

@@ -15,6 +15,7 @@ bundled with the model).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -169,3 +170,43 @@ def log_pyfunc(client, experiment_id: str, run_id: str, model_dir: str | os.Path
         out.update({"registered_model": registered_name, "version": str(mv.version),
                     "version_uri": f"models:/{registered_name}/{mv.version}"})
     return out
+
+
+def download_model_dir(uri: str, dst: str | os.PathLike | None = None, tracking_uri: str | None = None) -> Path:
+    """The NearID model dir inside the MLflow model at `uri` (`models:/<name>/<version>`,
+    `runs:/...`), downloaded into `dst` (a new temporary folder by default)."""
+    import mlflow.artifacts
+
+    dst = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="nearid-model-"))
+    try:
+        with _store(tracking_uri):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))
+    except Exception as e:  # noqa: BLE001 - unknown name/version, unreachable store: one clear message
+        raise FileNotFoundError(f"{uri}: cannot fetch the MLflow model ({type(e).__name__}: {e})") from None
+    model_dir = Path(local) / "artifacts" / MODEL_DIR_ARTIFACT
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{uri}: not a NearID MLflow model (no artifacts/{MODEL_DIR_ARTIFACT}/config.json)")
+    return model_dir
+
+
+@contextlib.contextmanager
+def _store(uri: str | None):
+    """MLflow's tracking and registry URI set to `uri` for the block: a `models:/` URI resolves its
+    version through the process-wide registry URI, whatever is passed to download_artifacts."""
+    if uri is None:
+        yield
+        return
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {k: os.environ.get(k) for k in keys}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

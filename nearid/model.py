@@ -372,7 +372,7 @@ def model_card(config: dict, metrics: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def _open_image(path: str) -> Image.Image:
+def open_image(path: str) -> Image.Image:
     """An image file (local or fsspec URL); errors name the path, not a file object."""
     from .images import BadImage, decode_image
 
@@ -399,7 +399,7 @@ def score_pairs(
     index = {path: i for i, path in enumerate(unique_paths)}
     embeddings = []
     for start in range(0, len(unique_paths), batch_size):
-        images = [_open_image(str(p)) for p in unique_paths[start:start + batch_size]]
+        images = [open_image(str(p)) for p in unique_paths[start:start + batch_size]]
         embeddings.append(model.embed(images, batch_size=batch_size))
     if not embeddings:
         return []

@@ -147,6 +147,32 @@ def test_model_registered_with_a_version_per_run_and_pyfunc_scores_like_nearid_m
             os.environ["MLFLOW_TRACKING_URI"] = prev
 
 
+def test_near_id_score_and_cli_load_a_registered_version(moved, tmp_path, monkeypatch, capsys):
+    """`NearIDScore("models:/nearid/<v>")` and `nearid score --model models:/nearid/<v>` score with
+    that version's weights (run t<v-1>), through the SQLite store the demo writes."""
+    from nearid import NearIDScore, cli
+
+    root, _, _ = moved
+    uri = f"sqlite:///{root}/mlflow.db"
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (40, 32), (200, 30, 30)).save(a)
+    Image.new("RGB", (40, 32), (30, 160, 60)).save(b)
+    got = {}
+    for version in ("1", "2"):
+        metric = NearIDScore(f"models:/nearid/{version}", tracking_uri=uri)
+        metric.update([str(a), str(b)], [str(b), str(b)])
+        got[version] = metric.compute()["scores"]
+        model = NearIDModel.from_pretrained(root / "models" / f"t{int(version) - 1}-train")
+        ia, ib = Image.open(a).convert("RGB"), Image.open(b).convert("RGB")
+        assert got[version] == pytest.approx(model.score([ia, ib], [ib, ib]).tolist(), abs=1e-6)
+    assert got["1"][0] != pytest.approx(got["2"][0], abs=1e-6)      # two versions, two models
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert cli.main(["score", str(a), str(b), "--model", "models:/nearid/2"]) == 0
+    assert capsys.readouterr().out.strip() == f"{got['2'][0]:.4f}"
+    with pytest.raises(FileNotFoundError, match="models:/nearid/9: cannot fetch"):
+        NearIDScore("models:/nearid/9", tracking_uri=uri)
+
+
 def _serve(hint: str, port: int) -> subprocess.Popen:
     cmd = shlex.split(hint.split("  then open ")[0])
     assert cmd[:2] == ["mlflow", "ui"]
