@@ -27,19 +27,19 @@ def check_loss(cfg: Config) -> None:
 
 
 def check_scorers(scorers: list[str], readouts: list[str], where: str = "eval.scorers") -> None:
+    from .scorers import parse_scorer
+
     for s in scorers:
-        if s == "nearid":
-            continue
-        if s.startswith("nearid:") and len(s) > len("nearid:"):
-            check_model_source(s.split(":", 1)[1], f"{where}: scorer {s!r}")
-            continue
-        if s.startswith("frozen:"):
-            r = s.split(":", 1)[1]
-            if r not in readouts:
-                raise ConfigError(f"{where}: scorer {s!r} needs readout {r!r}, but extract.readouts is "
-                                  f"{readouts}: use one of {[f'frozen:{x}' for x in readouts]}")
-            continue
-        raise ConfigError(f"{where}: unknown scorer {s!r}: use frozen:<readout>, nearid or nearid:<model dir>")
+        try:
+            sc = parse_scorer(s)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if sc.kind == "nearid" and sc.model:
+            check_model_source(sc.model, f"{where}: scorer {s!r}")
+        elif sc.kind == "frozen" and not sc.other_backbone and sc.readout not in readouts:
+            raise ConfigError(f"{where}: scorer {s!r} needs readout {sc.readout!r}, but extract.readouts is "
+                              f"{readouts}: use one of {[f'frozen:{x}' for x in readouts]} (or "
+                              f"frozen:{sc.readout}@<backbone> for another backbone)")
 
 
 def check_backends(cfg: Config) -> None:

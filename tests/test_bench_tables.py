@@ -25,3 +25,17 @@ def test_the_neighbour_control_compares_the_job_with_the_slowed_bare_loop():
     # without the control the table keeps its seven columns
     del secs[("neighbour", "small")], secs[("neighbour", "big")]
     assert summary_table(secs, 240, 960, [1]).splitlines()[2].count("|") == 8
+
+
+def test_bench_score_runs_the_three_ways_and_they_agree(tmp_path):
+    import json
+
+    from bench.bench_score import main
+    from nearid.model import NearIDModel
+
+    model = NearIDModel.from_backbone("tiny-random").save_pretrained(tmp_path / "m")
+    out = main(["--model", str(model), "--pairs", "12", "--per-call", "1", "--size", "48", "--json", str(tmp_path / "s.json")])
+    assert json.loads((tmp_path / "s.json").read_text())["pairs"] == 12
+    assert [r["pairs"] for r in out["rows"]] == [12, 12, 1]
+    assert out["max_abs_diff_vs_cli"] < 1e-5            # NearIDScore == nearid score --pairs
+    assert out["rows"][2]["x_vs_per_pair_process"] == 1.0 and all(r["pairs_per_s"] > 0 for r in out["rows"])

@@ -81,3 +81,26 @@ def test_nearid_bench_reports_seen_and_unseen_settings():
     # every pooled setting trained on: no unseen group, no extra rows
     _, table = nearid_bench(emb_frame(rows), "test", None, [], seen=["flux", "sdxl"])
     assert list(table["setting"]) == ["flux", "sdxl", "pooled"]
+
+
+def test_scorer_strings_parse_in_one_place_and_bad_ones_are_named(tmp_path):
+    from nearid.checks import check_scorers
+    from nearid.config import ConfigError
+    from nearid.scorers import Scorer, parse_scorer
+
+    assert parse_scorer("nearid") == Scorer("nearid", None, None)
+    assert parse_scorer("nearid:runs/x/models/y") == Scorer("nearid", None, "runs/x/models/y")
+    assert parse_scorer("frozen:map") == Scorer("frozen", "map", None)
+    assert parse_scorer("frozen:cls@dinov2-small@112") == Scorer("frozen", "cls", "dinov2-small@112")
+    assert parse_scorer("frozen:mean@openai/clip-vit-base-patch32").other_backbone
+    for bad, msg in (("frozen:pooled", "unknown readout 'pooled'"), ("frozen:cls@", "no backbone after '@'"),
+                     ("clip", "unknown scorer 'clip'"), ("nearid:", "unknown scorer")):
+        with pytest.raises(ValueError, match=msg):
+            parse_scorer(bad)
+    check_scorers(["frozen:map", "frozen:cls@facebook/dinov2-small", "nearid"], ["map", "mean"])
+    with pytest.raises(ConfigError, match=r"eval.scorers: scorer 'frozen:cls' needs readout 'cls'.*frozen:cls@"):
+        check_scorers(["frozen:cls"], ["map", "mean"])
+    with pytest.raises(ConfigError, match="eval.scorers: unknown scorer 'x'"):
+        check_scorers(["x"], ["map"])
+    with pytest.raises(ConfigError, match="model dir not found"):
+        check_scorers([f"nearid:{tmp_path / 'none'}"], ["map"])

@@ -399,6 +399,47 @@ def test_batch_scoring_job_and_cli(pipeline_run, tmp_path, ray_local, capsys):
     assert "| nearid |" in capsys.readouterr().out
 
 
+def test_frozen_baselines_on_another_backbone_in_the_same_evaluation(pipeline_run, tmp_path, ray_local):
+    """`frozen:<readout>@<dir>`: another frozen backbone's readout (a tiny CLIP saved by
+    transformers) scored on every benchmark beside the run's own scorers, from one command."""
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    from nearid.backbone import load_backbone
+    from nearid.images import decode_image
+    from nearid.stages.evaluate import baseline_table, scorer_embeddings
+    from nearid.stages.evaluate_report import run_evaluate
+
+    root, _ = pipeline_run
+    clip = tmp_path / "tiny-clip"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=37)).save_pretrained(clip)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
+    cfg, st = cfg_for(root), Storage.open(str(root))
+    scorers = ["frozen:map", f"frozen:cls@{clip}", f"frozen:mean@{clip}", "nearid"]
+    out = run_evaluate(cfg, st, ray_local, scorers=scorers, name="baselines")
+    rows = {r["scorer"]: r for r in out["rows"]}
+    assert set(rows) == set(scorers)
+    for s in scorers:
+        assert f"| {s} |" in out["markdown"]
+        assert {"nearid_ssr", "nearid_pa", "mtg_m_o", "db_m_h"} <= {k for k, v in rows[s].items()
+                                                                    if v is not None and v == v}, rows[s]
+    assert rows[f"frozen:cls@{clip}"]["nearid_pa"] != rows["frozen:map"]["nearid_pa"]
+    # the baseline's table holds the evaluated split and the benchmarks only, one row per image
+    t = st.read_table(baseline_table("cls", str(clip)), columns=["source", "split", "id", "view"])
+    assert set(t["split"].to_pylist()) <= {"test"} | ({"train", "val"} if "mtg" in t["source"].to_pylist() else set())
+    assert len(set(zip(*[t[c].to_pylist() for c in ("source", "id", "view")]))) == t.num_rows
+    # known answer: one test image's embedding is the CLIP's own CLS readout of it
+    emb = scorer_embeddings(st, cfg, f"frozen:cls@{clip}", ray_local)
+    one = emb[emb["source"] == "positive"].iloc[0]
+    img = st.read_table("positives", columns=["id", "view", "image"],
+                        filter=(pc.field("id") == one["id"]) & (pc.field("view") == int(one["view"])))
+    backbone = load_backbone(str(clip))
+    want = backbone.readouts(backbone.preprocess([decode_image(img["image"][0].as_py())]))["cls"][0].numpy()
+    assert np.allclose(one["embedding"], want, atol=1e-4)
+
+
 # ---- the training recipe (README "Training as the paper trains") --------------------------------
 def test_items_hold_each_mtg_copy_once_and_none_with_mtg_repeat_zero(pipeline_run, ray_local):
     from nearid.stages.train import build_items, train_settings

@@ -1,8 +1,10 @@
 """Stage `evaluate`: Table 1 for any set of scorers on the NearID, MTG and DreamBench++ benchmarks.
 
-Scorers: `frozen:<readout>` uses the backbone readouts written by the extraction job
-(`emb_map`, `emb_mean`, `emb_cls`); `nearid` / `nearid:<model dir>` runs a trained head over
-the cached tokens (same backbone) or, without tokens, the extraction job in embeddings mode.
+Scorers (`nearid.scorers`): `frozen:<readout>` uses the backbone readouts written by the extraction
+job (`emb_map`, `emb_mean`, `emb_cls`); `frozen:<readout>@<backbone>` runs the extraction job with
+another frozen backbone into its own table (`baseline_table`); `nearid` / `nearid:<model dir>`
+runs a trained head over the cached tokens (same backbone) or, without tokens, the extraction job
+in embeddings mode.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import pyarrow.compute as pc
 from ..devices import to_host
 from ..numerics import fixed_threads
 from ..metrics import build_sims, margins, mh_score, mtg_scores, nearid_table
+from ..scorers import parse_scorer
 from ..schema import GRADED, MTG, SIMS, check_columns, column_to_numpy
 
 log = logging.getLogger("nearid.evaluate")
@@ -43,19 +46,43 @@ def scorer_embeddings(storage, cfg, scorer: str, ray=None) -> pd.DataFrame:
 def _scorer_embeddings(storage, cfg, scorer: str, ray=None) -> pd.DataFrame:
     from .extract import read_features
 
-    if scorer.startswith("frozen:"):
-        col = f"emb_{scorer.split(':', 1)[1]}"
-        schema = storage.dataset("features").schema
-        if col not in schema.names:
-            raise ValueError(f"scorer '{scorer}': features have no column {col}; extract with "
-                             f"extract.readouts including '{scorer.split(':', 1)[1]}'")
-        t = read_features(storage, columns=["id", "view", "source", "split", col], filter=eval_rows(cfg))
-        return _frame(t, col)
-    if scorer == "nearid" or scorer.startswith("nearid:"):
-        model_dir = scorer.split(":", 1)[1] if ":" in scorer else default_model_dir(cfg, storage)
-        return _nearid_embeddings(storage, cfg, model_dir, ray)
-    raise ValueError(f"unknown scorer '{scorer}': use frozen:map, frozen:mean, frozen:cls, nearid or "
-                     f"nearid:<model dir>")
+    sc = parse_scorer(scorer)
+    if sc.kind == "nearid":
+        return _nearid_embeddings(storage, cfg, sc.model or default_model_dir(cfg, storage), ray)
+    if sc.other_backbone and sc.model != cfg.extract.backbone.name:
+        return _other_backbone_embeddings(storage, cfg, sc.readout, sc.model, ray)
+    col = f"emb_{sc.readout}"
+    if col not in storage.dataset("features").schema.names:
+        raise ValueError(f"scorer '{scorer}': features have no column {col}; extract with "
+                         f"extract.readouts including '{sc.readout}'")
+    t = read_features(storage, columns=["id", "view", "source", "split", col], filter=eval_rows(cfg))
+    return _frame(t, col)
+
+
+def baseline_table(readout: str, backbone: str) -> str:
+    """Where `frozen:<readout>@<backbone>` keeps its readout: `frozen_<readout>_<backbone slug>`."""
+    slug = "".join(c if c.isalnum() else "_" for c in backbone)[-48:]
+    return f"frozen_{readout}_{slug}"
+
+
+def _other_backbone_embeddings(storage, cfg, readout: str, backbone: str, ray) -> pd.DataFrame:
+    """A frozen baseline on another backbone: the extraction stage (its resume, leases, rejects) run
+    with that backbone, this one readout, no tokens, over the evaluated split and the benchmarks."""
+    from ..config import BackboneConfig
+    from .extract import read_features, run_extract
+
+    if ray is None:
+        raise ValueError(f"scorer 'frozen:{readout}@{backbone}' extracts with its own backbone and no Ray "
+                         "runtime was given")
+    sub = cfg.model_copy(deep=True)
+    e = sub.extract
+    e.backbone = BackboneConfig(name=backbone, dtype=cfg.extract.backbone.dtype)
+    e.model_dir, e.write_tokens, e.readouts, e.splits = None, False, [readout], [cfg.eval.split]
+    table = baseline_table(readout, backbone)
+    run_extract(sub, storage, ray, out_table=table)
+    col = f"emb_{readout}"
+    return _frame(read_features(storage, table, columns=["id", "view", "source", "split", col],
+                                filter=eval_rows(cfg)), col)
 
 
 def _frame(t: pa.Table, col: str) -> pd.DataFrame:

@@ -193,15 +193,17 @@ def run_evaluate(cfg, storage, ray=None, tracker=None, scorers: list[str] | None
 def evaluated_model(cfg, storage, scorer: str) -> dict:
     """For a `nearid` scorer: the model dir it scores with and, when run_train published it with
     tracking on (its train_summary.json says so), the registered version and the training run."""
-    if scorer != "nearid" and not scorer.startswith("nearid:"):
-        return {}
+    from ..scorers import parse_scorer
     from .evaluate import default_model_dir
 
-    model_dir = scorer.split(":", 1)[1] if ":" in scorer else default_model_dir(cfg, storage)
+    sc = parse_scorer(scorer)
+    if sc.kind != "nearid":
+        return {}
+    model_dir = sc.model or default_model_dir(cfg, storage)
     out = {"model_dir": model_dir}
     summary = {}
     try:
-        if ":" not in scorer:
+        if sc.model is None:
             rel = f"models/{cfg.run.name}-train"
             if storage.exists(rel, "train_summary.json"):
                 summary = storage.read_json(f"{rel}/train_summary.json")
