@@ -80,6 +80,35 @@ def test_torn_experiment_state_falls_back_to_the_last_intact_copy(tmp_path):
         read_state(str(exp), attempts=2, delay=0.01)
 
 
+def test_torn_searcher_state_is_replaced_by_the_copy_saved_with_the_experiment_state(tmp_path):
+    """A driver killed while Tune copied `searcher-state-*.pkl` left it empty (seen in CI): Tune's
+    restore then fails and starts the sweep again. The copy saved with the intact experiment state
+    takes its place; the torn file is kept aside. Checked without unpickling."""
+    from ray import cloudpickle
+
+    from tune.state import save_good_copy
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "experiment_state-2026-01-02_00-00-00.json").write_text(_state(a="TERMINATED", b="RUNNING"))
+    pkl = exp / "searcher-state-2026-01-02_00-00-00.pkl"
+    gen = exp / "search_gen_state-2026-01-02_00-00-00.json"
+    whole = cloudpickle.dumps({"counter": 4, "searcher": "random"})
+    pkl.write_bytes(whole)
+    gen.write_text(json.dumps({"_total_samples": 4}))
+    assert save_good_copy(str(exp))["trial_data"]
+    assert prepare_restore(str(exp)) is None                      # all whole: nothing to do
+    for torn in (b"", whole[: len(whole) // 2]):
+        pkl.write_bytes(torn)
+        gen.write_text('{"_total_')
+        msg = prepare_restore(str(exp))
+        assert msg and msg.count("was torn") == 2 and pkl.name in msg, msg
+        assert pkl.read_bytes() == whole and json.loads(gen.read_text()) == {"_total_samples": 4}
+        assert prepare_restore(str(exp)) is None
+    assert len(list(exp.glob("searcher-state-*.pkl.torn-*"))) >= 1
+    assert list(exp.glob("searcher-state-*.pkl")) == [pkl]        # Tune's glob finds one, the whole one
+
+
 def test_torn_experiment_state_is_reread_until_tune_finishes_writing(tmp_path, monkeypatch):
     import threading
 

@@ -11,7 +11,8 @@ a torn copy, so we read it here with retries and keep a last intact copy beside 
 - `StateKeeper` (a Tune callback, on in every sweep) saves each intact state it sees as
   `_nearid_last_good_state.json` (written to a temp name and moved into place).
 - `prepare_restore` runs before `Tuner.restore`: a torn newest file is moved aside (kept, never
-  deleted) and replaced by the last intact copy, so Tune restores instead of crashing.
+  deleted) and replaced by the last intact copy, so Tune restores instead of crashing; the same
+  for the search algorithm's state files (`SEARCH_FILES`), whose copies StateKeeper saves with it.
 """
 from __future__ import annotations
 
@@ -105,7 +106,9 @@ def _write_atomic(fs, path: str, data: bytes) -> None:
 
 
 def save_good_copy(experiment_path: str, fs=None) -> dict | None:
-    """Copy the newest state to GOOD_COPY if it parses now (one read, no retry); returns it."""
+    """Copy the newest state to GOOD_COPY if it parses now (one read, no retry); returns it. The
+    search algorithm's files (SEARCH_FILES) that look whole are copied beside it at the same time,
+    so a restore finds a searcher that agrees with the trials."""
     fs = _fs(fs)
     names = state_files(experiment_path, fs)
     if not names:
@@ -119,22 +122,83 @@ def save_good_copy(experiment_path: str, fs=None) -> dict | None:
     if not isinstance(state, dict) or not isinstance(state.get("trial_data"), list):
         return None
     _write_atomic(fs, _join(experiment_path, GOOD_COPY), raw)
+    for prefix, suffix in SEARCH_FILES:
+        newest = _newest(fs, experiment_path, prefix, suffix)
+        data = _read_whole(fs, newest, suffix) if newest else None
+        if data is not None:
+            _write_atomic(fs, _join(experiment_path, _good_name(prefix, suffix)), data)
     return state
 
 
-def prepare_restore(experiment_path: str, fs=None) -> str | None:
-    """Make the newest state restorable; returns what was done (None: nothing needed)."""
-    fs = _fs(fs)
-    names = state_files(experiment_path, fs)
-    if not names or _parse(fs, names[-1]) is not None:
+# What Tune saves for its search algorithm beside the experiment state, and copies to the storage
+# path the same non-atomic way: a searcher's cloudpickled state (its count of suggested trials)
+# and the basic variant generator's JSON. A torn newest copy makes Tune's restore fail and start
+# the whole sweep again.
+SEARCH_FILES = (("searcher-state-", ".pkl"), ("search_gen_state-", ".json"))
+
+
+def _good_name(prefix: str, suffix: str) -> str:
+    return f"_nearid_last_good_{prefix.rstrip('-')}{suffix}"
+
+
+def _newest(fs, experiment_path: str, prefix: str, suffix: str) -> str | None:
+    infos = fs.get_file_info(pafs.FileSelector(str(experiment_path), allow_not_found=True))
+    names = sorted(i.path for i in infos if i.base_name.startswith(prefix) and i.base_name.endswith(suffix))
+    return names[-1] if names else None
+
+
+def _read_whole(fs, path: str, suffix: str) -> bytes | None:
+    """The file's bytes if it is whole: JSON that parses, or a pickle stream ending in its STOP
+    opcode (checked without unpickling: we never load pickles); None if torn or unreadable."""
+    try:
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+    except (FileNotFoundError, OSError):
         return None
-    state = read_state(experiment_path, fs)     # retries, then the intact copy, else raises
-    aside = f"{names[-1]}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
-    fs.move(names[-1], aside)
-    _write_atomic(fs, names[-1], json.dumps(state).encode())
-    msg = f"experiment state {names[-1]} was torn: kept it as {aside}, restoring from {GOOD_COPY}"
-    log.warning(msg)
-    return msg
+    if not data:
+        return None
+    if suffix == ".json":
+        try:
+            json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return data
+    return data if data.endswith(b".") else None
+
+
+def _restore_search_files(fs, experiment_path: str) -> list[str]:
+    """Torn newest search-algorithm files: moved aside and replaced by the last whole copy."""
+    done = []
+    for prefix, suffix in SEARCH_FILES:
+        newest = _newest(fs, experiment_path, prefix, suffix)
+        if newest is None or _read_whole(fs, newest, suffix) is not None:
+            continue
+        good = _read_whole(fs, _join(experiment_path, _good_name(prefix, suffix)), suffix)
+        if good is None:
+            continue     # nothing better to offer: Tune's own handling decides
+        aside = f"{newest}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs.move(newest, aside)
+        _write_atomic(fs, newest, good)
+        done.append(f"search state {newest} was torn: kept it as {aside}, restoring from "
+                    f"{_good_name(prefix, suffix)}")
+        log.warning(done[-1])
+    return done
+
+
+def prepare_restore(experiment_path: str, fs=None) -> str | None:
+    """Make the newest state (and the search algorithm's files) restorable; returns what was done
+    (None: nothing needed)."""
+    fs = _fs(fs)
+    done = _restore_search_files(fs, experiment_path)
+    names = state_files(experiment_path, fs)
+    if names and _parse(fs, names[-1]) is None:
+        state = read_state(experiment_path, fs)     # retries, then the intact copy, else raises
+        aside = f"{names[-1]}.torn-{time.strftime('%Y%m%d-%H%M%S')}"
+        fs.move(names[-1], aside)
+        _write_atomic(fs, names[-1], json.dumps(state).encode())
+        done.append(f"experiment state {names[-1]} was torn: kept it as {aside}, restoring from {GOOD_COPY}")
+        log.warning(done[-1])
+    return "; ".join(done) or None
 
 
 class StateKeeper(Callback):
