@@ -45,32 +45,38 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dt
     return model.eval()
 
 
-def to_images(items: ImageLike | Sequence[ImageLike], what: str) -> list[Image.Image]:
-    """Paths (local or fsspec URLs), PIL images, uint8 tensors [3,H,W] / [B,3,H,W], or a list of
-    any of them -> RGB PIL images. Errors name `what` and the item's position."""
+def as_items(items: ImageLike | Sequence[ImageLike], what: str) -> list:
+    """One entry per image: a [B,3,H,W] tensor becomes B [3,H,W] tensors, a single item a list."""
     if isinstance(items, torch.Tensor):
         if items.dim() == 3:
-            return [_tensor_image(items, f"{what}[0]")]
+            return [items]
         if items.dim() == 4:
-            return [_tensor_image(t, f"{what}[{i}]") for i, t in enumerate(items)]
+            return list(items)
         raise ValueError(f"{what}: a tensor must be [3,H,W] or [B,3,H,W] uint8, got shape {tuple(items.shape)}")
     if isinstance(items, (str, os.PathLike, Image.Image)):
-        items = [items]
-    out = []
-    for i, item in enumerate(items):
-        if isinstance(item, Image.Image):
-            from .images import to_rgb
+        return [items]
+    return list(items)
 
-            out.append(to_rgb(item))
-        elif isinstance(item, (str, os.PathLike)):
-            from .model import open_image
 
-            out.append(open_image(str(item)))
-        elif isinstance(item, torch.Tensor):
-            out.append(_tensor_image(item, f"{what}[{i}]"))
-        else:
-            raise TypeError(f"{what}[{i}]: expected a path, a PIL image or a uint8 tensor, got {type(item).__name__}")
-    return out
+def to_image(item: ImageLike, what: str) -> Image.Image:
+    """A path (local or fsspec URL), a PIL image or a uint8 tensor [3,H,W] -> an RGB PIL image."""
+    if isinstance(item, Image.Image):
+        from .images import to_rgb
+
+        return to_rgb(item)
+    if isinstance(item, (str, os.PathLike)):
+        from .model import open_image
+
+        return open_image(str(item))
+    if isinstance(item, torch.Tensor):
+        return _tensor_image(item, what)
+    raise TypeError(f"{what}: expected a path, a PIL image or a uint8 tensor, got {type(item).__name__}")
+
+
+def to_images(items: ImageLike | Sequence[ImageLike], what: str) -> list[Image.Image]:
+    """Paths, PIL images, uint8 tensors [3,H,W] / [B,3,H,W], or a list of any of them -> RGB PIL
+    images. Errors name `what` and the item's position."""
+    return [to_image(x, f"{what}[{i}]") for i, x in enumerate(as_items(items, what))]
 
 
 def _tensor_image(t: torch.Tensor, what: str) -> Image.Image:
@@ -112,12 +118,27 @@ class NearIDScore(Metric):
         return getattr(self.model, "protocol", None)
 
     def update(self, references: ImageLike | Sequence[ImageLike], generated: ImageLike | Sequence[ImageLike]) -> None:
-        refs, gens = to_images(references, "references"), to_images(generated, "generated")
+        refs, gens = as_items(references, "references"), as_items(generated, "generated")
         if len(refs) != len(gens):
             raise ValueError(f"update needs as many generated images as references: {len(refs)} vs {len(gens)}")
         if not refs:
             return
-        scores = self.model.score(refs, gens, batch_size=self.batch_size)
+        # each distinct image is embedded once (many generations against one reference: one
+        # reference embedding), as `nearid score --pairs` does; paths by name, others by object
+        slots: dict = {}
+        images = []
+        index = []
+        for what, items in (("references", refs), ("generated", gens)):
+            for i, item in enumerate(items):
+                key = ("path", os.fspath(item)) if isinstance(item, (str, os.PathLike)) else ("obj", id(item))
+                if key not in slots:
+                    slots[key] = len(images)
+                    images.append(to_image(item, f"{what}[{i}]"))
+                index.append(slots[key])
+        emb = self.model.embed(images, batch_size=self.batch_size)
+        n = len(refs)
+        rows = torch.tensor(index)
+        scores = (emb[rows[:n]] * emb[rows[n:]]).sum(dim=-1)
         self.scores.append(scores.to(device=self.device, dtype=torch.float32))
 
     def compute(self) -> dict:
