@@ -21,6 +21,22 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("RAY_worker_niceness", "0")
 
 
+def noisy_pngs(root, n: int, heights=None) -> list[str]:
+    """n PNGs 40 px wide (heights[i] tall, 40 by default): a random base colour plus noise, seeded
+    by the index, so every image differs and scores are not constants."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng(i)
+        h = heights[i] if heights else 40
+        arr = np.clip(rng.integers(0, 256, 3) + rng.integers(-60, 60, (h, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr, "RGB").save(root / f"im{i}.png")
+        out.append(str(root / f"im{i}.png"))
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from nearid import cli
 from nearid.images import decode_image
 from nearid.model import NearIDModel
+
+from tests.conftest import noisy_pngs
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +26,7 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("images")
-    out = []
-    for i in range(4):
-        rng = np.random.default_rng(i)
-        arr = np.clip(rng.integers(0, 256, 3) + rng.integers(-60, 60, (40, 40, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr, "RGB").save(root / f"im{i}.png")
-        out.append(str(root / f"im{i}.png"))
-    return out
+    return noisy_pngs(tmp_path_factory.mktemp("images"), 4)
 
 
 @pytest.fixture(scope="module")

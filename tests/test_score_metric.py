@@ -16,6 +16,8 @@ from PIL import Image
 from nearid import NearIDScore, cli
 from nearid.model import NearIDModel
 
+from tests.conftest import noisy_pngs
+
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -31,14 +33,7 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("images")
-    out = []
-    for i in range(6):
-        rng = np.random.default_rng(i)
-        arr = np.clip(rng.integers(0, 256, 3) + rng.integers(-60, 60, (36 + 4 * i, 40, 3)), 0, 255)
-        Image.fromarray(arr.astype(np.uint8), "RGB").save(root / f"im{i}.png")
-        out.append(str(root / f"im{i}.png"))
-    return out
+    return noisy_pngs(tmp_path_factory.mktemp("images"), 6, heights=[36 + 4 * i for i in range(6)])
 
 
 PAIRS = [(0, 1), (0, 2), (3, 3), (4, 5), (5, 1)]
