@@ -287,3 +287,14 @@ def test_released_layout_from_s3(released, tmp_path, s3_server):
     model = NearIDModel.from_pretrained(url, storage_options=options, cache_dir=tmp_path / "cache")
     assert model.backbone.name == url
     assert torch.equal(model.embed(sample_images()), NearIDModel.from_pretrained(released).embed(sample_images()))
+
+
+def test_near_id_score_metric_loads_the_released_layout(released, tmp_path):
+    from nearid import NearIDScore
+
+    ref, gen = save_pngs(tmp_path)
+    emb = reference_embeddings(released, [Image.open(ref), Image.open(gen)])
+    metric = NearIDScore(str(released))
+    metric.update([ref, ref], [gen, ref])
+    got = metric.compute()["scores"]
+    assert got == pytest.approx([float(emb[0] @ emb[1]), 1.0], abs=2e-4)
