@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = Path(args.root or tempfile.mkdtemp(prefix="nearid-chaos-"))
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", overrides(str(root), args.identities))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    # a removed node is declared dead after 3 missed 1-s health checks (Ray's defaults wait longer):
+    # what the run does after a loss is the same, it only waits less for it
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False,
+        "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                           "health_check_failure_threshold": 3}})
     for _ in range(WORKERS):
         cluster.add_node(num_cpus=2, num_gpus=1)
     cluster.wait_for_nodes()

@@ -100,7 +100,7 @@ def check_ray_vs_bare(args, device, res):
     cfg = load_config(REPO / "configs/tiny.yaml", [
         f"run.root={root}", f"synth.n_identities={n // 3}", f"extract.backbone.name={backbone_name}",
         f"extract.backbone.dtype={'fp32' if args.smoke else 'bf16'}",
-        f"extract.gpus_per_actor={1 if device == 'cuda' else 0}", "synth.resolution=384"])
+        f"extract.gpus_per_actor={1 if device == 'cuda' else 0}", f"synth.resolution={64 if args.smoke else 384}"])
     images = write_world_positives(cfg, root)
     if not ray.is_initialized():   # logical CPUs >= 4 so the Decode and Embed actors never starve
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
@@ -184,12 +184,21 @@ def check_pipeline(args, device, res):
     root = tempfile.mkdtemp(prefix="gpu-check-pipeline-")
     sets = ["--set", f"run.root={root}", "--set", "synth.n_identities=60", "--set", "train.epochs=2",
             "--set", "eval.plots=false"]
+    if args.smoke:   # every stage still runs, on less: one setting, a handful of MTG and DB++ rows
+        sets += ["--set", "synth.n_identities=24", "--set", "synth.n_mtg=8", "--set", "synth.n_graded=6",
+                 "--set", "generate.settings={flux: {backend: procedural, n_changes: 1}}", "--set", "train.epochs=1",
+                 "--set", "train.batch_size=8"]
     if device == "cuda":
         sets += ["--set", "train.use_gpu=true", "--set", "extract.gpus_per_actor=1",
                  "--set", "generate.gpus_per_actor=0"]
+    env = dict(os.environ)
+    import ray
+
+    if ray.is_initialized():   # attach to the runtime ray_vs_bare started, as `ray job submit` would
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     t = time.perf_counter()
     p = subprocess.run([sys.executable, "-m", "jobs.pipeline", "--config", "configs/tiny.yaml", *sets],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     res["pipeline_small_s"] = time.perf_counter() - t
     res["pipeline_small_rc"] = p.returncode
     if p.returncode:

@@ -12,12 +12,13 @@ Every commit holds the table's commit lock (`nearid.leases`), refuses keys the t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -297,6 +298,10 @@ class Storage:
             raise FileNotFoundError(f"table '{name}' not found under {self.uri(name)}")
         return parts
 
+    def table_bytes(self, name: str) -> int:
+        """Bytes of the table's part files on disk."""
+        return sum(int(info["size"]) for info in self.validated_parts(name).values())
+
     def dataset(self, name: str) -> pads.Dataset:
         self.validated_parts(name)
         return pads.dataset(self.path(name), filesystem=self.fs, format="parquet",
@@ -305,8 +310,22 @@ class Storage:
     def read_table(self, spec: TableSpec | str, columns: list[str] | None = None,
                    filter=None) -> pa.Table:
         name = spec if isinstance(spec, str) else spec.name
+        with self._readable(name):
+            return _plain_strings(self.dataset(name).to_table(columns=columns, filter=filter))
+
+    def scan(self, name: str, columns: list[str] | None = None, filter=None,
+             batch_rows: int = 2048) -> Iterator[pa.Table]:
+        """The table in pieces of <= batch_rows rows, in the order read_table returns them: a
+        driver that must see every row (resume, counts) holds one piece at a time, not the table."""
+        with self._readable(name):
+            for batch in self.dataset(name).to_batches(columns=columns, filter=filter, batch_size=batch_rows):
+                if batch.num_rows:
+                    yield _plain_strings(pa.Table.from_batches([batch]))
+
+    @contextlib.contextmanager
+    def _readable(self, name: str):
         try:
-            table = self.dataset(name).to_table(columns=columns, filter=filter)
+            yield
         except pa.ArrowInvalid as e:   # sizes match but a file does not parse
             text = str(e).lower()
             if not any(w in text for w in ("parquet", "magic", "thrift", self.path(name).lower())):
@@ -314,11 +333,6 @@ class Storage:
             raise TableCorrupt(f"table '{name}' under {self.uri(name)} has an unreadable part ({e}); run "
                                f"`nearid verify {self.root} {name}` to find it and `--repair` to move it "
                                "aside, then rerun the stage that writes it", table=name) from None
-        # hive partition columns come back dictionary-encoded; the schema says plain strings
-        for i, field in enumerate(table.schema):
-            if pa.types.is_dictionary(field.type):
-                table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
-        return table
 
     def keys(self, name: str, key: Iterable[str]) -> set[tuple]:
         """The set of keys already present in a table (for resume)."""
@@ -338,3 +352,11 @@ class Storage:
     def clear_done(self, name: str) -> None:
         if self.is_done(name):
             self.fs.delete_file(self.path(name, "_SUCCESS.json"))
+
+
+def _plain_strings(table: pa.Table) -> pa.Table:
+    """Hive partition columns come back dictionary-encoded; the schemas say plain strings."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_dictionary(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(field.type.value_type))
+    return table

@@ -66,6 +66,7 @@ def test_plan_prints_the_cost_before_a_run(config, capsys, monkeypatch, tmp_path
     from nearid.plan import plan
 
     monkeypatch.setenv("NEARID_GPU_CHECK", str(tmp_path / "none.json"))
+    monkeypatch.setenv("NEARID_SCALE", str(tmp_path / "none.json"))    # bench.scale's figures: tests/test_scale.py
     assert cli.main(["plan", "--config", str(ROOT / config), "--usd-per-gpu-hour", "2"]) == 0
     out = capsys.readouterr().out
     assert "GPU-hours" in out and "token cache" in out and "$" in out

@@ -348,6 +348,16 @@ def test_train_driver_killed_then_resubmitted_continues(pipeline_run, ray_local,
     assert summary["metrics"]["resumed_from_step"] >= 2
 
 
+def test_fewer_items_than_one_batch_is_a_clear_error_before_training(pipeline_run, ray_local):
+    from nearid.stages.train import run_train
+
+    root, _ = pipeline_run
+    cfg = cfg_for(root, "train.batch_size=100000")
+    with pytest.raises(ValueError, match=r"training items, fewer than train.batch_size=100000"):
+        run_train(cfg, Storage.open(str(root)), ray_local, None, run_name="too-few")
+    assert not (root / "train_runs" / "too-few").exists()      # refused before Ray Train started
+
+
 def test_token_cache_estimate_refuses_above_the_limit(pipeline_run, ray_local):
     from nearid.stages.extract import StorageRefused, run_extract
 

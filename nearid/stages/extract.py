@@ -18,12 +18,13 @@ from ..devices import to_host
 from ..images import BadImage, decode_image
 from ..leases import stage_leases
 from ..storage import StorageRefused  # noqa: F401 (raised here; re-exported)
-from ..raytools import chunks, fault_point, record_placement, write_dataset
-from ..schema import (DISTRACTORS, FEATURE_KEY, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
+from ..raytools import fault_point, record_placement, write_dataset
+from ..schema import (DISTRACTORS, FEATURE_KEY, FEATURE_META, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
                       make_key, tensor_column)
 
 log = logging.getLogger("nearid.extract")
 MTG_VIEWS = ("image_1", "image_2", "image_1p", "image_2p")
+IMAGE_ROWS = pa.schema([*FEATURE_META, ("image", pa.binary())])   # what extraction reads, one row per image
 
 
 
@@ -206,34 +207,52 @@ class Embed:
         return pa.table(cols)
 
 
-def _image_rows(storage, source: str, ids_keys=None, splits=None) -> pa.Table:
+def _image_rows(storage, source: str, splits=None) -> pa.Table:
     """Long table (id, view, source, split, image) for one source."""
-    if source == "positive":
-        t = storage.read_table(POSITIVES.name, columns=["id", "view", "split", "image"])
-        t = t.append_column("source", pa.array(["positive"] * t.num_rows, pa.string()))
-    elif source == "mtg":
-        m = storage.read_table(MTG.name, columns=["id", "split", *MTG_VIEWS])
+    parts = list(iter_image_rows(storage, source, splits))
+    return pa.concat_tables(parts) if parts else IMAGE_ROWS.empty_table()
+
+
+_SCANS = {"positive": (POSITIVES.name, ["id", "view", "split"], ["image"]),
+          "mtg": (MTG.name, ["id", "split"], list(MTG_VIEWS)),
+          "graded": (GRADED.name, ["id", "method"], ["reference", "generated"])}
+
+
+def iter_image_rows(storage, source: str, splits=None, with_image: bool = True,
+                    batch_rows: int = 2048):
+    """The long rows (id, view, source, split[, image]) of one source, streamed from its table a
+    piece at a time (`Storage.scan`): the driver never holds a whole table's image bytes."""
+    name, keys, images = _SCANS.get(source, (DISTRACTORS.name, ["id", "view", "split"], ["image"]))
+    flt = None
+    if name == DISTRACTORS.name:
+        flt = (pc.field("setting") == source) & (pc.field("status") == "ok")
+    for t in storage.scan(name, columns=keys + (images if with_image else []), filter=flt, batch_rows=batch_rows):
+        long = _long(t, source, images, with_image)
+        if splits is not None and source not in ("mtg", "graded"):
+            long = long.filter(pc.is_in(long["split"], pa.array(splits)))
+        if long.num_rows:
+            yield long
+
+
+def _long(t: pa.Table, source: str, images: list[str], with_image: bool) -> pa.Table:
+    """One row per image: mtg's four views and graded's reference/generated become views 0.."""
+    n = t.num_rows
+    cols = ["id", "view", "source", "split"] + (["image"] if with_image else [])
+    if source in ("mtg", "graded"):
+        ids = t["id"] if source == "mtg" else pa.array(
+            [f"{i}/{m}" for i, m in zip(t["id"].to_pylist(), t["method"].to_pylist())], pa.string())
+        split = t["split"] if source == "mtg" else pa.array(["test"] * n, pa.string())
+        views = list(MTG_VIEWS) if source == "mtg" else ["reference", "generated"]
         parts = []
-        for v, col in enumerate(MTG_VIEWS):
-            parts.append(pa.table({"id": m["id"], "view": pa.array([v] * m.num_rows, pa.int8()),
-                                   "split": m["split"], "image": m[col],
-                                   "source": pa.array(["mtg"] * m.num_rows, pa.string())}))
-        t = pa.concat_tables(parts) if parts else None
-    elif source == "graded":
-        g = storage.read_table(GRADED.name, columns=["id", "method", "reference", "generated"])
-        ids = [f"{i}/{m}" for i, m in zip(g["id"].to_pylist(), g["method"].to_pylist())]
-        parts = [pa.table({"id": pa.array(ids, pa.string()), "view": pa.array([v] * g.num_rows, pa.int8()),
-                           "split": pa.array(["test"] * g.num_rows, pa.string()), "image": g[col],
-                           "source": pa.array(["graded"] * g.num_rows, pa.string())})
-                 for v, col in enumerate(("reference", "generated"))]
-        t = pa.concat_tables(parts)
-    else:
-        t = storage.read_table(DISTRACTORS.name, columns=["id", "view", "split", "image", "status"],
-                               filter=(pc.field("setting") == source) & (pc.field("status") == "ok"))
-        t = t.drop_columns(["status"]).append_column("source", pa.array([source] * t.num_rows, pa.string()))
-    if splits is not None and source not in ("mtg", "graded"):
-        t = t.filter(pc.is_in(t["split"], pa.array(splits)))
-    return t.select(["id", "view", "source", "split", "image"])
+        for v, col in enumerate(views):
+            d = {"id": ids, "view": pa.array([v] * n, pa.int8()), "source": pa.array([source] * n, pa.string()),
+                 "split": split}
+            if with_image:
+                d["image"] = t[col]
+            parts.append(pa.table(d))
+        return pa.concat_tables(parts).select(cols)
+    t = t.append_column("source", pa.array([source] * n, pa.string()))
+    return t.select(cols)
 
 
 def available_sources(storage, cfg) -> list[str]:
@@ -284,13 +303,14 @@ def _run_extract(cfg, storage, ray, out_table: str, chunk_rows: int, allow_large
     _check_same_scorer(storage, out_table, e)
     sources = available_sources(storage, cfg)
     done = storage.keys(out_table, FEATURE_KEY)
-    pending = []
+    # a keys-only pass: counts for the size check and the reconcile; image bytes are read below,
+    # a chunk at a time, so the driver's memory does not grow with the run
+    n_input, n_todo = {}, 0
     for src in sources:
-        t = _image_rows(storage, src, splits=e.splits)
-        keys = list(zip(t["id"].to_pylist(), t["view"].to_pylist(), t["source"].to_pylist()))
-        keep = pa.array([k not in done for k in keys])
-        pending.append((src, t.num_rows, t.filter(keep)))
-    n_todo = sum(t.num_rows for _, _, t in pending)
+        n_input[src] = 0
+        for t in iter_image_rows(storage, src, e.splits, with_image=False):
+            n_input[src] += t.num_rows
+            n_todo += int(pc.sum(_pending(t, done)).as_py() or 0)
     write_tokens = e.write_tokens and not e.model_dir
     if write_tokens and n_todo:
         T, D = token_shape(e)
@@ -300,9 +320,7 @@ def _run_extract(cfg, storage, ray, out_table: str, chunk_rows: int, allow_large
             raise StorageRefused(f"token cache of {est / 1e9:.1f} GB exceeds extract.max_storage_gb="
                                  f"{e.max_storage_gb}; pass --set extract.allow_large=true to proceed")
     # every source in one pipeline per chunk: actor pools start once, not once per source
-    todo = pa.concat_tables([t for _, _, t in pending]) if pending else None
-    for n_chunk, chunk in enumerate(chunks(list(range(todo.num_rows if todo is not None else 0)), chunk_rows), 1):
-        sub = todo.take(pa.array(chunk))
+    for n_chunk, sub in enumerate(_pending_chunks(storage, sources, e.splits, done, chunk_rows), 1):
         shape = pool_shape(e, ray.cluster_resources())
         nblocks = max(1, min(shape["model_actors"] * 4 + shape["decode_actors"], sub.num_rows // max(1, e.batch_size)))
         ds = ray.data.from_arrow(sub).repartition(nblocks)
@@ -318,10 +336,31 @@ def _run_extract(cfg, storage, ray, out_table: str, chunk_rows: int, allow_large
         files = write_dataset(ds, storage, out_table, ["source"])
         _record_rejects(storage, files)
         fault_point("extract", n_chunk)
-    counts = {src: reconcile(storage, out_table, src, n_in) for src, n_in, _ in pending}
+    counts = {src: reconcile(storage, out_table, src, n_in) for src, n_in in n_input.items()}
     summary = {"table": out_table, "sources": counts, "seconds": round(time.time() - t0, 2)}
     storage.mark_done(out_table, summary)
     return summary
+
+
+def _pending(t: pa.Table, done: set) -> pa.Array:
+    return pa.array([k not in done for k in zip(*(t[c].to_pylist() for c in FEATURE_KEY))], pa.bool_())
+
+
+def _pending_chunks(storage, sources: list[str], splits, done: set, chunk_rows: int):
+    """The rows not yet in the output, in source order, as tables of exactly chunk_rows rows (the
+    last one fewer)."""
+    buf, n = [], 0
+    for src in sources:
+        for t in iter_image_rows(storage, src, splits):
+            t = t.filter(_pending(t, done))
+            buf.append(t)
+            n += t.num_rows
+            while n >= chunk_rows:
+                whole = pa.concat_tables(buf)
+                yield whole.slice(0, chunk_rows)
+                buf, n = [whole.slice(chunk_rows)], n - chunk_rows
+    if n:
+        yield pa.concat_tables(buf)
 
 
 def _check_same_scorer(storage, table: str, e) -> None:

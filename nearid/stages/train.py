@@ -20,6 +20,9 @@ log = logging.getLogger("nearid.train")
 FEATURE_COLS = ["id", "view", "source", "split"]
 
 
+DRIVER_READ_MAX_BYTES = 32 * 2**20
+
+
 def train_settings(cfg, storage) -> list[str]:
     """Training settings: the configured list, else every generated setting not held apart."""
     if cfg.train.settings:
@@ -129,14 +132,20 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
     ids = storage.read_table(items, columns=["id"])["id"]
     n_mtg = int(pc.sum(pc.starts_with(ids, "mtg:")).as_py() or 0)
     n_items = n_total - n_mtg
-    if tc.materialize:
-        # small enough for the object store: the driver reads it once (pyarrow) and Ray holds the
-        # blocks for every epoch; a Ray Data read + materialize costs ~7 s of task start-up here
+    if n_total < tc.batch_size:   # the last partial batch is dropped: nothing would train
+        raise ValueError(f"{storage.uri(items)}: {n_total} training items, fewer than train.batch_size="
+                         f"{tc.batch_size}: no full batch to train on; lower train.batch_size or add identities")
+    if tc.materialize and storage.table_bytes(items) <= DRIVER_READ_MAX_BYTES:
+        # small: the driver reads it once (pyarrow) and Ray holds the blocks for every epoch; a Ray
+        # Data read + materialize costs ~7 s of task start-up here
         table = storage.read_table(items)
         step = max(1, -(-table.num_rows // max(2, 2 * tc.num_workers)))
         ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, max(1, table.num_rows), step)])
     else:
+        # larger: read by Ray's tasks, so the driver's memory does not grow with the run (bench.scale)
         ds = ray.data.read_parquet(storage.uri(items), filesystem=storage.fs)
+        if tc.materialize:
+            ds = ds.materialize()
     ds.set_name(items)
     run_name = run_name or f"{cfg.run.name}-train"
     run_id = None
