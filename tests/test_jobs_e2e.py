@@ -470,6 +470,34 @@ def test_items_hold_each_mtg_copy_once_and_none_with_mtg_repeat_zero(pipeline_ru
     build_items(ray_local, cfg, st, "train", settings, cfg.train.mtg_repeat)   # back for later tests
 
 
+def test_items_grouped_in_the_driver_equal_those_of_ray_datas_shuffle(pipeline_run, ray_local, tmp_path,
+                                                                      monkeypatch):
+    """Small feature tables are grouped in the driver, large ones by Ray Data's hash shuffle: the
+    same items either way (issue 31: the shuffle's start-up dominated every small training)."""
+    import shutil
+
+    import nearid.stages.train as train_stage
+
+    root, _ = pipeline_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "features", copy / "features")
+    st, cfg = Storage.open(str(copy)), cfg_for(copy)
+    settings = train_stage.train_settings(cfg, Storage.open(str(root)))
+    assert st.table_bytes("features") <= train_stage.DRIVER_READ_MAX_BYTES
+    built = {}
+    for way, limit in (("driver", train_stage.DRIVER_READ_MAX_BYTES), ("ray", -1)):
+        monkeypatch.setattr(train_stage, "DRIVER_READ_MAX_BYTES", limit)
+        for split, repeat in (("train", 4), ("val", 0)):
+            st.delete_dir(f"items_tokens_{split}")
+            name, n = train_stage.build_items(ray_local, cfg, st, split, settings, repeat)
+            t = st.read_table(name)
+            built[way, split] = (n, t.take(pc.sort_indices(t, [("id", "ascending")])))
+    for split in ("train", "val"):
+        (n_d, t_d), (n_r, t_r) = built["driver", split], built["ray", split]
+        assert n_d == n_r > 0 and t_d.schema.equals(t_r.schema), split
+        assert t_d.equals(t_r), split
+
+
 def test_publish_final_or_best_say_which_and_same_seed_gives_the_same_model(pipeline_run, ray_local):
     """Three short trainings (each one costs a Ray Train start, so one test shares them): two with
     the same seed publish the final checkpoint and give the same loss and Table-1 row; the third

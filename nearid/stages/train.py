@@ -93,7 +93,17 @@ def build_items(ray, cfg, storage, split: str, settings: list[str], mtg_repeat: 
     if storage.is_done(name) and storage.read_json(f"{name}/_SUCCESS.json").get("sig") == sig:
         return name, storage.read_json(f"{name}/_SUCCESS.json")["rows"]
     storage.delete_dir(name)
+    token_shape = None
     wanted = list(sources) if mtg_repeat else [s for s in sources if s != "mtg"]
+    if input_mode == "tokens":
+        token_shape = tuple(storage.dataset("features").schema.field("tokens").type.shape)
+    if input_mode == "tokens" and storage.table_bytes("features") <= DRIVER_READ_MAX_BYTES:
+        # small: grouped here in one pass (the same two functions); a Ray Data hash shuffle costs
+        # ~10 s of task and actor start-up per table on one node, over a minute on a 4-node cluster
+        rows = _ToItemRows(split, wanted, input_mode, mtg_repeat, cfg.run.seed)(
+            storage.read_table("features", columns=[*FEATURE_COLS, "tokens", "error"]))
+        storage.write_table(name, group_items(rows, sources, input_mode, token_shape))
+        return _mark_items(storage, name, sig)
     if input_mode == "tokens":
         ds = ray.data.read_parquet(storage.uri("features"), filesystem=storage.fs,
                                    columns=[*FEATURE_COLS, "tokens", "error"])
@@ -101,14 +111,14 @@ def build_items(ray, cfg, storage, split: str, settings: list[str], mtg_repeat: 
         ds = ray.data.from_arrow(_image_features(storage, cfg))
     ds = ds.map_batches(_ToItemRows(split, wanted, input_mode, mtg_repeat, cfg.run.seed),
                         batch_format="pyarrow", num_cpus=0.25)
-    token_shape = None
-    if input_mode == "tokens":
-        ttype = storage.dataset("features").schema.field("tokens").type
-        token_shape = tuple(ttype.shape)
     n_parts = max(2, min(64, cfg.train.num_workers * 2))
     ds = ds.groupby("gkey", num_partitions=n_parts).map_groups(
         _grouper(sources, input_mode, token_shape), batch_format="pyarrow", num_cpus=0.25)
     write_dataset(ds, storage, name)
+    return _mark_items(storage, name, sig)
+
+
+def _mark_items(storage, name: str, sig: dict) -> tuple[str, int]:
     rows = storage.read_table(name, columns=["id"]).num_rows
     storage.mark_done(name, {"rows": rows, "sig": sig})
     return name, rows
