@@ -10,6 +10,11 @@ a torn copy, so we read it here with retries and keep a last intact copy beside 
   last intact copy `StateKeeper` saved; it raises `StateUnreadable` only when neither parses.
 - `StateKeeper` (a Tune callback, on in every sweep) saves each intact state it sees as
   `_nearid_last_good_state.json` (written to a temp name and moved into place).
+- Tune's own checkpoint pruning (`num_to_keep`) deletes checkpoints that an intact state saved a
+  moment earlier still names, so a restore from that state fails its running trials ("checkpoint
+  does not exist on storage anymore"). Tune keeps every checkpoint instead, and `prune_finished`
+  deletes a trial's surplus ones only once the intact copy itself records the trial TERMINATED: no
+  state a restore can read still needs them.
 - `prepare_restore` runs before `Tuner.restore`: a torn newest file is moved aside (kept, never
   deleted) and replaced by the last intact copy, so Tune restores instead of crashing; the same
   for the search algorithm's state files (`SEARCH_FILES`), whose copies StateKeeper saves with it.
@@ -201,15 +206,69 @@ def prepare_restore(experiment_path: str, fs=None) -> str | None:
     return "; ".join(done) or None
 
 
+def _checkpoint_dirs(fs, trial_dir: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(trial_dir, allow_not_found=True))
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
+
+
+def _checkpoint_scores(fs, trial_dir: str, score) -> dict[str, float]:
+    """checkpoint dir name -> score(result) of the result reported with it (result.json lines)."""
+    try:
+        with fs.open_input_stream(_join(trial_dir, "result.json")) as f:
+            lines = f.read().decode(errors="replace").splitlines()
+    except (FileNotFoundError, OSError):
+        return {}
+    out = {}
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:   # a last line cut by a kill
+            continue
+        name, value = r.get("checkpoint_dir_name"), score(r)
+        if name and value is not None:
+            out[name] = float(value)
+    return out
+
+
+def prune_finished(experiment_path: str, state: dict, keep: int, score, mode: str = "max", fs=None,
+                   done: set | None = None) -> dict[str, list[str]]:
+    """For each trial TERMINATED in `state`: delete its checkpoints except the newest and the `keep`
+    best by `score` (what Tune's num_to_keep keeps). Trials in `done` are skipped (and added).
+    Returns trial id -> deleted checkpoint names."""
+    fs, done = _fs(fs), (set() if done is None else done)
+    deleted = {}
+    for trial, status in trial_statuses(state).items():
+        if status != "TERMINATED" or trial in done:
+            continue
+        trial_dir = _join(experiment_path, trial)
+        names = _checkpoint_dirs(fs, trial_dir)
+        scores = _checkpoint_scores(fs, trial_dir, score)
+        ranked = sorted((n for n in names if n in scores), key=lambda n: scores[n], reverse=mode == "max")
+        kept = set(ranked[:keep]) | set(names[-1:])
+        gone = [n for n in names if n not in kept]
+        for n in gone:
+            fs.delete_dir(_join(trial_dir, n))
+        done.add(trial)
+        if gone:
+            deleted[trial] = gone
+            log.info("trial %s finished: deleted %d surplus checkpoints, kept %s", trial, len(gone), sorted(kept))
+    return deleted
+
+
 class StateKeeper(Callback):
-    """Keeps `GOOD_COPY` current: at most once per `every` seconds, and at the end of the run.
+    """Keeps `GOOD_COPY` current: at most once per `every` seconds, and at the end of the run; then
+    prunes the checkpoints of trials that copy records finished (`prune_finished`, given `keep`).
 
     Each intact state goes to the test fault hook right after it is saved, so what the hook acts
     on is exactly what a restore would find (the hook does nothing unless NEARID_FAULT arms it)."""
 
-    def __init__(self, experiment_path: str, fs=None, every: float = 1.0):
+    def __init__(self, experiment_path: str, fs=None, every: float = 1.0, keep: int | None = None,
+                 score=None, mode: str = "max"):
         self.path, self.fs, self.every = experiment_path, fs, every
+        self.keep, self.score, self.mode = keep, score, mode
         self.last = 0.0
+        self.pruned: set[str] = set()
 
     def _keep(self) -> None:
         try:
@@ -217,8 +276,14 @@ class StateKeeper(Callback):
         except OSError as e:   # a storage hiccup must never stop the sweep
             log.warning("could not save an intact copy of the experiment state: %s", e)
             return
-        if state is not None:
-            tune_kill_after_trials(state, Path(self.path).parent / f"_fault_killed_{Path(self.path).name}")
+        if state is None:
+            return
+        if self.keep is not None:
+            try:
+                prune_finished(self.path, state, self.keep, self.score, self.mode, self.fs, self.pruned)
+            except OSError as e:   # surplus checkpoints left behind cost disk, never the sweep
+                log.warning("could not prune finished trials' checkpoints: %s", e)
+        tune_kill_after_trials(state, Path(self.path).parent / f"_fault_killed_{Path(self.path).name}")
 
     def on_step_end(self, iteration, trials, **info):
         if time.monotonic() - self.last >= self.every:

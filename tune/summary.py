@@ -17,10 +17,17 @@ log = logging.getLogger("nearid.tune")
 
 
 # ---- after the sweep: evaluate, publish, tables, plot ------------------------------------------------
+def _on_storage(checkpoint) -> bool:
+    import pyarrow.fs as pafs
+
+    return checkpoint.filesystem.get_file_info(checkpoint.path).type != pafs.FileType.NotFound
+
+
 def _pick_checkpoint(result, which: str, metric: str, mode: str, tie_break: str | None):
     if which == "best":
+        # Tune lists every checkpoint it saw; tune.state.prune_finished deleted the surplus ones
         pairs = [(c, tie_broken(m, metric, tie_break, mode)[metric])
-                 for c, m in (result.best_checkpoints or []) if m.get(metric) is not None]
+                 for c, m in (result.best_checkpoints or []) if m.get(metric) is not None and _on_storage(c)]
         if pairs:
             pick = max if mode == "max" else min
             return pick(pairs, key=lambda cs: cs[1])[0]

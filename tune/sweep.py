@@ -75,6 +75,8 @@ def plan_reports(n_items: int, train: TrainConfig, reports_per_epoch: int) -> tu
     return every, total // every + (1 if total % every else 0)
 
 
+KEEP_CHECKPOINTS = 2   # per finished trial: its best 2 by the metric, and its last
+
 def trial_dirname(trial) -> str:
     return trial.trial_id
 
@@ -195,7 +197,10 @@ def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name,
                                  reduction_factor=tc.reduction_factor)
     else:
         scheduler = FIFOScheduler()
-    callbacks = [StateKeeper(storage.path("tune", name), storage.fs)]
+    # Tune keeps every checkpoint; StateKeeper prunes a trial's to the same KEEP_CHECKPOINTS once
+    # no restorable state can name the deleted ones (see tune/state.py)
+    callbacks = [StateKeeper(storage.path("tune", name), storage.fs, keep=KEEP_CHECKPOINTS, mode=tc.mode,
+                             score=lambda r: (tie_broken(r, tc.metric, space.tie_break, tc.mode) or {}).get(tc.metric))]
     return tune.Tuner(
         trainable,
         param_space={},
@@ -205,7 +210,7 @@ def _new_tuner(trainable, space, searcher_kind, base_cfg, tracker, parent, name,
                                     trial_dirname_creator=trial_dirname, reuse_actors=True),
         run_config=tune.RunConfig(
             name=name, storage_path=storage.path("tune"), storage_filesystem=storage.fs,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=tc.metric,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None, checkpoint_score_attribute=tc.metric,
                                                     checkpoint_score_order=tc.mode),
             failure_config=tune.FailureConfig(max_failures=base_cfg.train.max_failures),
             callbacks=callbacks, verbose=1),
