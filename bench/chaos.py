@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     from ray.cluster_utils import Cluster
 
     from nearid.config import load_config
+    from nearid.raytools import use_local_train_poll
     from nearid.stages.extract import run_extract
     from nearid.stages.generate import run_generate
     from nearid.stages.synth import run_synth
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs/tiny.yaml", overrides(str(root), args.identities))
     # a removed node is declared dead after 3 missed 1-s health checks (Ray's defaults wait longer):
     # what the run does after a loss is the same, it only waits less for it
+    use_local_train_poll()     # every node runs on this machine
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_synth(cfg, storage, ray)
         run_with_faults("generate", lambda: run_generate(cfg, storage, ray, chunk_rows=24), cluster,
                         lambda: committed_parts(root, "distractors") >= 1, attempts, killed, KILLED_PER_STAGE)
-        run_with_faults("extract", lambda: run_extract(cfg, storage, ray, chunk_rows=48), cluster,
+        run_with_faults("extract", lambda: run_extract(cfg, storage, ray, chunk_rows=96), cluster,
                         lambda: committed_parts(root, "features") >= 1, attempts, killed, KILLED_PER_STAGE)
         positives = storage.read_table("positives", columns=["id", "view"]).num_rows
         n_settings = len(cfg.generate.settings)

@@ -102,7 +102,9 @@ def check_ray_vs_bare(args, device, res):
         f"extract.backbone.dtype={'fp32' if args.smoke else 'bf16'}",
         f"extract.gpus_per_actor={1 if device == 'cuda' else 0}", f"synth.resolution={64 if args.smoke else 384}"])
     images = write_world_positives(cfg, root)
-    if not ray.is_initialized():   # logical CPUs >= 4 so the Decode and Embed actors never starve
+    if not ray.is_initialized() and os.environ.get("RAY_ADDRESS"):   # a running runtime (a test session's)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    elif not ray.is_initialized():   # logical CPUs >= 4 so the Decode and Embed actors never starve
         ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False)
     batch = 8 if args.smoke else 128

@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from nearid.raytools import LOCAL_TRAIN_POLL_ENV
+
 STACK_FILE = "stack.json"
 STACK_ID_ENV = "NEARID_STACK_ID"
 
@@ -231,7 +233,7 @@ def stack_commands(cfg: StackConfig, state_dir: Path, ports: dict[str, int],
                  f"--num-cpus={cfg.ray.num_cpus}",
                  f"--object-store-memory={cfg.ray.object_store_memory_mb * 1024 ** 2}",
                  f"--temp-dir={cfg.ray.temp_dir}", "--disable-usage-stats"],
-                {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}),
+                {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path), **LOCAL_TRAIN_POLL_ENV}),
     }
 
 

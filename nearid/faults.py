@@ -6,7 +6,9 @@ runtime env, see `raytools.RUNTIME_ENV_KEYS`):
 - `train:kill_driver_after_step:<n>`: a Ray Train worker SIGKILLs the job driver once, after the
   first checkpoint at or past step n has been registered by the controller;
 - `tune:kill_driver_after_trials:<n>`: the sweep driver exits (137) once n trials are recorded as
-  finished in the intact saved experiment state (what a restore will see).
+  finished in the intact saved experiment state (what a restore will see);
+- `lease:hold_until_file:1`: a stage keeps the leases it took until the file named by
+  `NEARID_FAULT_FILE` exists (the test creates it once another run has met them).
 The worker-kill hook of the Ray Train failure test is armed by the loop spec instead
 (`training.spec.LoopSpec.fault_kill_step`, `fault_marker`; `run_train(extra_loop_config=...)`),
 and so is the pause of the tracking-server test (`fault_pause_steps`, `fault_pause_dir`).
@@ -45,6 +47,14 @@ def wait_until(condition: Callable[[], bool], timeout: float = WAIT_S, interval:
             return True
         time.sleep(interval)
     return condition()
+
+
+def hold_leases(stage: str) -> None:
+    if not armed("lease", "hold_until_file"):
+        return
+    release = Path(os.environ["NEARID_FAULT_FILE"])
+    log.warning("NEARID_FAULT: holding the %s leases until %s exists", stage, release)
+    wait_until(release.exists)
 
 
 def exit_after_chunks(stage: str, done_chunks: int) -> None:

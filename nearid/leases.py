@@ -391,10 +391,7 @@ def stage_leases(storage, cfg, stage: str, tables: dict[str, Sequence[str] | Non
             lease.acquire(None if deadline is None else max(0.0, deadline - time.monotonic()))
             leases.append(lease)
             prepare_table(storage, name, lease)
-        hold = faults.armed("lease", "hold_s")    # test hook: keep the leases a while
-        if hold:
-            log.warning("NEARID_FAULT: holding the %s leases for %d s", stage, hold)
-            time.sleep(hold)
+        faults.hold_leases(stage)
         yield leases
     finally:
         for lease in reversed(leases):

@@ -12,10 +12,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_gpu_check_smoke_runs_every_section_and_writes_its_json(tmp_path):
+def test_gpu_check_smoke_runs_every_section_and_writes_its_json(tmp_path, attach_env):
+    """On the session's Ray runtime (RAY_ADDRESS), as the pipeline section's job attaches to it."""
+    import os
+
     out = tmp_path / "gpu_check.json"
     p = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--smoke", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=840)
+                       capture_output=True, text=True, timeout=840, env={**os.environ, **attach_env})
     tail = p.stdout[-4000:] + p.stderr[-4000:]
     assert p.returncode == 0, tail
     res = json.loads(out.read_text())

@@ -498,33 +498,26 @@ def test_items_grouped_in_the_driver_equal_those_of_ray_datas_shuffle(pipeline_r
         assert t_d.equals(t_r), split
 
 
-def test_publish_final_or_best_say_which_and_same_seed_gives_the_same_model(pipeline_run, ray_local):
-    """Three short trainings (each one costs a Ray Train start, so one test shares them): two with
-    the same seed publish the final checkpoint and give the same loss and Table-1 row; the third
-    publishes the best one and says so."""
+def test_publish_final_or_best_say_which(pipeline_run, ray_local):
+    """Two short trainings (each one costs a Ray Train start, so one test shares them): one
+    publishes the final checkpoint, the other the best one, and each model card says which. (That
+    the same seed gives the same model is test_same_seed_same_weights_and_table_whatever_the_parallelism.)"""
     from nearid.model import NearIDModel
-    from nearid.stages.evaluate import evaluate_scorers
     from nearid.stages.train import run_train
     from nearid.training.loop import steps_for
 
     root, _ = pipeline_run
     st = Storage.open(str(root))
     common = ["train.checkpoint_every_steps=2", "train.val_every_steps=2", "train.epochs=2", "train.mtg_repeat=0"]
-    cfg = cfg_for(root, *common)
-    final, again = (run_train(cfg, st, ray_local, None, run_name=f"publish-final-{k}") for k in "ab")
+    final = run_train(cfg_for(root, *common), st, ray_local, None, run_name="publish-final")
     n_items = st.read_table("items_tokens_train", columns=["id"]).num_rows
     total = steps_for(n_items, 16, 1, 2)
     assert final["mtg_items"] == 0
     assert final["published"]["which"] == "final" and final["published"]["step"] == total == final["metrics"]["step"]
-    saved = st.read_json("models/publish-final-a/train_summary.json")
+    saved = st.read_json("models/publish-final/train_summary.json")
     assert saved["published"] == final["published"]
-    card = (root / "models/publish-final-a/README.md").read_text()
+    card = (root / "models/publish-final/README.md").read_text()
     assert f"The final checkpoint: step {total}" in card
-    # same seed -> same loss and the same Table-1 row
-    assert final["metrics"]["loss"] == again["metrics"]["loss"]
-    rows = [evaluate_scorers(cfg, st, [f"nearid:{r['model_dir']}"], ray_local)["rows"][0] for r in (final, again)]
-    for key in ("nearid_ssr", "nearid_pa", "mtg_m_o", "db_m_h"):
-        assert round(rows[0][key], 2) == round(rows[1][key], 2), key
     best = run_train(cfg_for(root, *common, "train.publish=best"), st, ray_local, None, run_name="publish-best")
     assert best["published"]["which"] == "best"
     assert best["published"]["val"]["val_ssr"] >= best["metrics"]["val_ssr"]
@@ -601,11 +594,12 @@ def test_tracking_server_stopped_and_restarted_mid_training(pipeline_run, tmp_pa
 
     root, _ = pipeline_run
     st = Storage.open(str(root))
-    epochs = 16    # >= 1 step per epoch, so the run outlasts both pauses
+    epochs, batch = 3, 4    # >= 16 steps (29 items: 7 an epoch), so the run outlasts both pauses
     port, db, slog = free_port(), tmp_path / "mlflow.db", tmp_path / "mlflow-server.log"
     server, healthy = _mlflow_server(db, port, slog)
     uri = f"http://127.0.0.1:{port}"
-    cfg = cfg_for(root, f"train.epochs={epochs}", "train.mtg_repeat=0", "train.val_every_steps=8",
+    cfg = cfg_for(root, f"train.epochs={epochs}", f"train.batch_size={batch}", "train.mtg_repeat=0",
+                  "train.val_every_steps=8",
                   "train.checkpoint_every_steps=8", f"tracking.uri={uri}", "tracking.experiment=restart")
     pause = tmp_path / "pause"
     pause.mkdir()
@@ -640,7 +634,7 @@ def test_tracking_server_stopped_and_restarted_mid_training(pipeline_run, tmp_pa
     assert not th.is_alive() and "error" not in box, box
     summary = box["summary"]
     # the items table this run built (other tests rebuild it with other settings)
-    total = steps_for(st.read_table("items_tokens_train", columns=["id"]).num_rows, 16, 1, epochs)
+    total = steps_for(st.read_table("items_tokens_train", columns=["id"]).num_rows, batch, 1, epochs)
     assert summary["metrics"]["step"] == total >= 16
     assert st.exists("models/server-restart/model.safetensors")
     assert summary["mlflow"]["lost_points"] == 0, summary["mlflow"]

@@ -144,13 +144,26 @@ def test_two_synth_runs_started_together_write_every_key_once(backend, wait, tmp
     """Local: the second run is refused; S3: the second waits with --wait (two pairs, not four)."""
     root, endpoint = backend
     argv = ["jobs.synth", *argv_for(root, endpoint), *(["--wait"] if wait else [])]
-    # the winner keeps its leases a while, so the other run surely arrives while they are held
-    # (a refused run never holds; a waiting one holds after the first, so keep that short)
-    hold = {**attach_env, "NEARID_FAULT": f"lease:hold_s:{4 if wait else 12}"}
+    # the winner keeps its leases until the other run has met them: refused (it exited) or
+    # waiting (it said so); a waiting run then takes them and finds the file already there
+    release = tmp_path / "release-leases"
+    hold = {**attach_env, "NEARID_FAULT": "lease:hold_until_file:1", "NEARID_FAULT_FILE": str(release)}
     procs = [spawn(tmp_path, f"synth-{i}", argv, hold) for i in range(2)]
+
+    def met() -> bool:
+        if wait:
+            return any("waiting for the lease on table" in p.log_path.read_text(errors="replace") for p in procs)
+        return any(p.poll() is not None for p in procs)
+    try:
+        wait_for(met, timeout=300, what="the second run to meet the held leases")
+        met_them = True
+    except AssertionError:
+        met_them = False
+    release.touch()
     results = [finish(p) for p in procs]
     rcs = sorted(rc for rc, _ in results)
     logs = "\n".join(f"--- run {i} ---\n{text[-3000:]}" for i, (_, text) in enumerate(results))
+    assert met_them, logs
     if wait:
         assert rcs == [0, 0], logs
         assert any("waiting for the lease on table" in text for _, text in results), logs
