@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     attempts, killed = {}, []
     try:
         run_synth(cfg, storage, ray)
-        run_with_faults("generate", lambda: run_generate(cfg, storage, ray, chunk_rows=24), cluster,
+        run_with_faults("generate", lambda: run_generate(cfg, storage, ray, chunk_rows=48), cluster,
                         lambda: committed_parts(root, "distractors") >= 1, attempts, killed, KILLED_PER_STAGE)
-        run_with_faults("extract", lambda: run_extract(cfg, storage, ray, chunk_rows=96), cluster,
+        run_with_faults("extract", lambda: run_extract(cfg, storage, ray, chunk_rows=126), cluster,
                         lambda: committed_parts(root, "features") >= 1, attempts, killed, KILLED_PER_STAGE)
         positives = storage.read_table("positives", columns=["id", "view"]).num_rows
         n_settings = len(cfg.generate.settings)
