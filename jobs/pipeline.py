@@ -16,7 +16,7 @@ from nearid.stages.extract import run_extract
 from nearid.stages.generate import run_generate
 from nearid.stages.synth import run_synth
 from nearid.stages.train import run_train
-from nearid.config import config_to_dict, flatten
+from nearid.config import config_to_dict, flatten, model_dir_for, train_run_name
 from nearid.tracking import Tracker, git_commit
 
 STAGES = ["synth", "generate", "extract", "train", "evaluate"]
@@ -64,14 +64,14 @@ def main(argv=None) -> dict:
         print(f"=== {name} done in {timings[name]}s", flush=True)
         return res
 
-    model_rel = f"models/{cfg.run.name}-train"
+    model_rel = model_dir_for(cfg)
 
     def train(t):
         if storage.exists(model_rel, "train_summary.json") and not args.retrain:
             print(f"model {storage.uri(model_rel)} exists: skipping (pass --retrain to train again)")
             summary = storage.read_json(f"{model_rel}/train_summary.json")
             ml = summary.get("mlflow") or {}
-            with t.run(f"{cfg.run.name}-train", tags={
+            with t.run(train_run_name(cfg), tags={
                     "stage": "train", "reused": "true", "model_dir": storage.uri(model_rel),
                     **{k: ml[src] for k, src in (("model_uri", "version_uri"), ("trained_in_run", "run_id"))
                        if ml.get(src)}}):

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .config import RANDOM_BACKBONE_NAMES, BackboneConfig
 from .numerics import rowwise
 from .pretrained import is_pretrained_name
 from .storage import download_s3_dir  # noqa: F401 - re-exported for nearid.model
@@ -66,7 +67,7 @@ SO400M_CONFIG: dict[str, Any] = dict(
     layer_norm_eps=1e-6,
 )
 
-RANDOM_BACKBONES = ("tiny-random", "so400m-random")
+RANDOM_BACKBONES = RANDOM_BACKBONE_NAMES
 
 # model_type -> (kind, model class, config class, default PIL processor class)
 _ARCHITECTURES: dict[str, tuple[str, type, type, type]] = {
@@ -226,6 +227,10 @@ class Backbone(nn.Module):
         if not self.has_map_head:
             raise ValueError(f"backbone {self.name!r} ({self.kind}) has no MAP head")
         return {key: value.detach().clone() for key, value in self.model.head.state_dict().items()}
+
+    def identity(self) -> dict[str, Any]:
+        """`BackboneConfig.identity` of the config this backbone was loaded from."""
+        return BackboneConfig(name=self.name, tiny=self.tiny_overrides, seed=self.seed or 0).identity()
 
     def processor_spec(self) -> dict[str, Any]:
         """Class name and settings of the image processor, enough to rebuild it offline."""

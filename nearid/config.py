@@ -94,11 +94,28 @@ class GenerateConfig(Strict):
     validate_sample: int = Field(200, ge=0)
 
 
+RANDOM_BACKBONE_NAMES = ("tiny-random", "so400m-random")
+
+
 class BackboneConfig(Strict):
     name: str = "tiny-random"          # tiny-random | so400m-random | hub id | local dir | s3:// path
     tiny: dict[str, Any] = {}
     seed: int = 0
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    def identity(self) -> dict[str, Any]:
+        """What fixes the tokens this backbone gives an image: its name, plus the seed of a random
+        backbone and the dims (resolution, patch size, ...) of the tiny one; a named pretrained
+        backbone's weights and resolution come with its name. `features/_scorer.json`, a model's
+        `config.json` and the evaluation's token-reuse check compare identities, not names."""
+        # a local checkpoint folder is known by its absolute path (as `load_backbone` records it)
+        name = str(Path(self.name).resolve()) if os.path.isdir(self.name) else self.name
+        out: dict[str, Any] = {"name": name}
+        if self.name in RANDOM_BACKBONE_NAMES:
+            out["seed"] = int(self.seed)
+        if self.name == "tiny-random":
+            out["tiny"] = dict(sorted(self.tiny.items()))
+        return out
 
 
 class ExtractConfig(Strict):
@@ -234,6 +251,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
     return key.strip(), value
+
+
+def train_run_name(cfg: "Config") -> str:
+    return f"{cfg.run.name}-train"
+
+
+def model_dir_for(cfg: "Config", run_name: str | None = None) -> str:
+    """Where a training publishes its model, relative to the run root: `models/<run>-train`, or
+    `models/<run_name>` for a training given its own run name; the `nearid` scorer's default."""
+    return f"models/{run_name or train_run_name(cfg)}"
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

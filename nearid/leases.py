@@ -43,7 +43,7 @@ from datetime import datetime, timezone
 from typing import Iterator, Sequence
 
 from .atomic_files import files_for
-from .storage import StorageError
+from .errors import StorageError
 
 log = logging.getLogger("nearid.leases")
 LEASE_DIR = "_leases"
@@ -364,38 +364,6 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release("failed" if exc[0] is not None else "done")
-
-
-def _lease_settings(cfg) -> tuple[float, float | None]:
-    sc = getattr(cfg, "storage", None)
-    expiry = float(getattr(sc, "lease_expiry_s", None) or DEFAULT_EXPIRY_S)
-    wait = getattr(sc, "lease_wait_s", 0.0) if sc is not None else 0.0
-    return expiry, wait
-
-
-@contextlib.contextmanager
-def stage_leases(storage, cfg, stage: str, tables: dict[str, Sequence[str] | None]) -> Iterator[list[Lease]]:
-    """Hold the leases of every table a stage writes (sorted order, so waiters never deadlock);
-    on entry each table is prepared (staging leftovers of dead writers removed, parts moved into
-    place by a commit that died before its manifest update recorded). `tables` maps each table
-    to its key columns, which every commit into it checks for duplicates."""
-    from . import faults
-    from .manifest import prepare_table
-
-    expiry, wait = _lease_settings(cfg)
-    deadline = None if wait is None else time.monotonic() + wait
-    leases: list[Lease] = []
-    try:
-        for name in sorted(tables):
-            lease = Lease(storage, name, stage, expiry, key=tables[name])
-            lease.acquire(None if deadline is None else max(0.0, deadline - time.monotonic()))
-            leases.append(lease)
-            prepare_table(storage, name, lease)
-        faults.hold_leases(stage)
-        yield leases
-    finally:
-        for lease in reversed(leases):
-            lease.release("done" if sys.exc_info()[0] is None else "failed")
 
 
 @contextlib.contextmanager

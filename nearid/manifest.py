@@ -23,17 +23,21 @@ from the manifest and clears `_SUCCESS.json`, so a rerun of the stage recomputes
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import sys
 import time
 from datetime import datetime, timezone
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .schema import TABLES
-from .storage import DuplicateKeys, StorageError, TableCorrupt
+from . import faults
+from .errors import DuplicateKeys, StorageError, TableCorrupt
+from .leases import DEFAULT_EXPIRY_S, Lease, commit_lock, held
 
 log = logging.getLogger("nearid.manifest")
 MANIFEST = "_manifest.json"
@@ -199,7 +203,6 @@ def commit(storage, table: str, write_id: str, key: Sequence[str] | None = None,
            check_keys: bool = True) -> list[str]:
     """Move a staged write into `table`: under the table's commit lock, check that its keys are new
     (key columns only), move each part into place, then record the parts in the manifest."""
-    from .leases import commit_lock, held
 
     stage = storage.path(table, "_staging", write_id)
     sel = pafs.FileSelector(stage, recursive=True, allow_not_found=True)
@@ -334,7 +337,6 @@ def validate(storage, table: str) -> tuple[dict | None, dict[str, dict]]:
 def prepare_table(storage, table: str, lease) -> None:
     """Remove staging leftovers older than this lease (their writers are gone: we hold the
     lease now), stop on a bad recorded part, and record readable parts the manifest lacks."""
-    from .leases import commit_lock
 
     cutoff = (lease.started_ts or time.time()) - 2.0
     groups: dict[str, float] = {}
@@ -374,3 +376,33 @@ def prepare_table(storage, table: str, lease) -> None:
             m["parts"][rel] = entry_for(storage, table, rel, parts[rel]["size"], rows)
         save(storage, table, m)
         log.info("table '%s': recorded %d part(s) the manifest did not list", table, len(unrecorded))
+
+
+# ---- a stage's tables: their leases, prepared ---------------------------------------------------
+def _lease_settings(cfg) -> tuple[float, float | None]:
+    sc = getattr(cfg, "storage", None)
+    expiry = float(getattr(sc, "lease_expiry_s", None) or DEFAULT_EXPIRY_S)
+    wait = getattr(sc, "lease_wait_s", 0.0) if sc is not None else 0.0
+    return expiry, wait
+
+
+@contextlib.contextmanager
+def stage_leases(storage, cfg, stage: str, tables: dict[str, Sequence[str] | None]) -> Iterator[list[Lease]]:
+    """Hold the leases of every table a stage writes (sorted order, so waiters never deadlock);
+    on entry each table is prepared (staging leftovers of dead writers removed, parts moved into
+    place by a commit that died before its manifest update recorded). `tables` maps each table
+    to its key columns, which every commit into it checks for duplicates."""
+    expiry, wait = _lease_settings(cfg)
+    deadline = None if wait is None else time.monotonic() + wait
+    leases: list[Lease] = []
+    try:
+        for name in sorted(tables):
+            lease = Lease(storage, name, stage, expiry, key=tables[name])
+            lease.acquire(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            leases.append(lease)
+            prepare_table(storage, name, lease)
+        faults.hold_leases(stage)
+        yield leases
+    finally:
+        for lease in reversed(leases):
+            lease.release("done" if sys.exc_info()[0] is None else "failed")

@@ -117,6 +117,7 @@ class NearIDModel(nn.Module):
             "hidden_size": backbone.hidden_size,
             "image_size": backbone.image_size,
             "num_tokens": backbone.num_tokens,
+            "identity": backbone.identity(),   # what the evaluation compares with its features' identity
         }
         if backbone.seed is not None:
             backbone_cfg["seed"] = backbone.seed

@@ -22,6 +22,12 @@ class Scorer(NamedTuple):
     def other_backbone(self) -> bool:
         return self.kind == "frozen" and self.model is not None
 
+    @property
+    def may_extract(self) -> bool:
+        """Whether scoring may run an extraction (Ray): a trained model whose backbone's tokens are not
+        cached, or a frozen readout of another backbone."""
+        return self.kind == "nearid" or self.other_backbone
+
 
 def parse_scorer(text: str) -> Scorer:
     """ValueError naming the string and the accepted forms for anything else."""

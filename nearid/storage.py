@@ -26,36 +26,12 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .errors import DuplicateKeys, StorageError, StorageRefused, TableCorrupt  # noqa: F401 (re-exported)
+from .leases import commit_lock
+from .manifest import commit, forget, load as load_manifest, parts_on_disk, validate
 from .schema import TableSpec
 
 _PART_VALUE = re.compile(r"^[A-Za-z0-9_.\-]+$")
-
-
-class StorageError(RuntimeError):
-    """Storage cannot be reached or used; the message names the endpoint/path and what to check."""
-
-
-class StorageRefused(RuntimeError):
-    """A stage refuses to write more than the configured limit (the extract stage's token cache
-    above `extract.max_storage_gb`); an entry point ends with exit code 3."""
-
-    exit_code = 3
-
-
-class TableCorrupt(StorageError):
-    """A part of a table is missing, truncated, altered or unreadable; names the parts."""
-
-    def __init__(self, message: str, table: str | None = None, parts: list[str] | None = None):
-        super().__init__(message)
-        self.table, self.parts = table, list(parts or [])
-
-
-class DuplicateKeys(StorageError):
-    """A commit would add keys the table already holds (or repeats keys within itself)."""
-
-    def __init__(self, message: str, table: str | None = None):
-        super().__init__(message)
-        self.table = table
 
 
 def s3_options(storage_options: dict | None = None) -> dict:
@@ -226,7 +202,6 @@ class Storage:
         Under the table's commit lock: the staged keys (`key`, else the key the writing stage's
         lease registered, the manifest's or the schema's) must be new to the table, or nothing
         moves (`DuplicateKeys`); the moved parts are then recorded in the table's manifest."""
-        from .manifest import commit
 
         return commit(self, table, write_id, tuple(key) if key else None, check_keys)
 
@@ -266,8 +241,6 @@ class Storage:
     def replace_table(self, spec: TableSpec | str, table: pa.Table,
                       partition_by: Iterable[str] | None = None) -> list[str]:
         """Replace a whole (small, derived) table: old parts go only after the new ones exist."""
-        from .leases import commit_lock
-        from .manifest import forget, parts_on_disk
 
         name = spec if isinstance(spec, str) else spec.name
         old = list(parts_on_disk(self, name))
@@ -281,17 +254,15 @@ class Storage:
         return new
 
     def table_exists(self, name: str) -> bool:
-        from .manifest import load, parts_on_disk
 
         if parts_on_disk(self, name):
             return True
-        m = load(self, name)      # every part gone but recorded: exists, and reading it says what broke
+        m = load_manifest(self, name)      # every part gone but recorded: exists, and reading it says what broke
         return bool(m and m["parts"])
 
     def validated_parts(self, name: str) -> dict[str, dict]:
         """The table's part files after a size check against its manifest (`TableCorrupt` names
         missing/truncated/altered parts); `FileNotFoundError` when there is no such table."""
-        from .manifest import validate
 
         m, parts = validate(self, name)
         if not parts and not (m and m["parts"]):

@@ -93,6 +93,10 @@ def test_scorer_strings_parse_in_one_place_and_bad_ones_are_named(tmp_path):
     assert parse_scorer("frozen:map") == Scorer("frozen", "map", None)
     assert parse_scorer("frozen:cls@dinov2-small@112") == Scorer("frozen", "cls", "dinov2-small@112")
     assert parse_scorer("frozen:mean@openai/clip-vit-base-patch32").other_backbone
+    # which scorers may start an extraction, so the evaluation starts Ray for them (a frozen
+    # baseline on another backbone alone used to fail for want of one)
+    assert [parse_scorer(s).may_extract for s in ("frozen:map", "frozen:cls@dinov2-small", "nearid", "nearid:m")] \
+        == [False, True, True, True]
     for bad, msg in (("frozen:pooled", "unknown readout 'pooled'"), ("frozen:cls@", "no backbone after '@'"),
                      ("clip", "unknown scorer 'clip'"), ("nearid:", "unknown scorer")):
         with pytest.raises(ValueError, match=msg):

@@ -24,7 +24,8 @@ import pytest
 from nearid import manifest
 from nearid.cli import main as cli_main
 from nearid.config import StorageConfig, load_config
-from nearid.leases import Lease, LeaseHeld, LeaseLost, files_for, stage_leases
+from nearid.leases import Lease, LeaseHeld, LeaseLost, files_for
+from nearid.manifest import stage_leases
 from nearid.schema import GRADED, MTG, POSITIVES
 from nearid.storage import DuplicateKeys, Storage, TableCorrupt
 

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..config import model_dir_for
 from ..devices import to_host
 from ..numerics import fixed_threads
 from ..metrics import build_sims, margins, mh_score, mtg_scores, nearid_table
@@ -27,7 +28,7 @@ BENCH_SOURCES = ("mtg", "graded")
 
 
 def default_model_dir(cfg, storage) -> str:
-    return storage.uri("models", f"{cfg.run.name}-train")
+    return storage.uri(model_dir_for(cfg))
 
 
 def eval_rows(cfg):
@@ -92,6 +93,16 @@ def _frame(t: pa.Table, col: str) -> pd.DataFrame:
     return df
 
 
+def tokens_reusable(model, storage, cfg) -> bool:
+    """The cached tokens give this model's embeddings only if the backbone that extracted them has
+    the model's backbone identity (name, and the seed and dims of a random one): the same name at
+    another resolution gives other tokens."""
+    from .extract import features_identity
+
+    return ("tokens" in storage.dataset("features").schema.names
+            and model.backbone.identity() == features_identity(storage, cfg))
+
+
 def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
     import torch
 
@@ -100,9 +111,7 @@ def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
 
     model = NearIDModel.from_pretrained(
         model_dir, storage_options={"endpoint_url": storage.endpoint} if storage.endpoint else None)
-    schema = storage.dataset("features").schema
-    same_backbone = model.backbone.name == cfg.extract.backbone.name and "tokens" in schema.names
-    if not same_backbone:
+    if not tokens_reusable(model, storage, cfg):
         if ray is None:
             raise ValueError(f"model {model_dir} needs its own extraction (different backbone or no "
                              "cached tokens) and no Ray runtime was given")

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from .. import report
 from ..images import decode_image
 from ..schema import DISTRACTORS, POSITIVES
+from ..scorers import parse_scorer
 
 
 def per_setting_ssr(details: dict) -> pd.DataFrame:
@@ -135,7 +136,7 @@ def _log_plots(storage, tracker, result: dict, base: str) -> None:
         "plots/similarity_tiers.png": report.tier_distributions({s: d["tiers"] for s, d in det.items()}),
         "plots/ssr_per_setting.png": report.ssr_bars(per_setting_ssr(det)),
     }
-    trained = [s for s in det if s.startswith("nearid")] or list(det)
+    trained = [s for s in det if parse_scorer(s).kind == "nearid"] or list(det)
     grid = report.example_grid(hardest_failures(storage, det[trained[-1]]["sims"]),
                                titles=("anchor", "positive", "distractor that won"))
     if grid is not None:
@@ -166,7 +167,7 @@ def run_evaluate(cfg, storage, ray=None, tracker=None, scorers: list[str] | None
     if not storage.table_exists("features"):
         raise ValueError(f"{storage.uri('features')}: no features table in this run root; run "
                          "jobs.extract (or jobs.pipeline) first")
-    if ray is None and any(s.startswith("nearid") for s in scorers):
+    if ray is None and any(parse_scorer(s).may_extract for s in scorers):
         from ..raytools import init_ray
 
         ray = init_ray(cfg)
@@ -193,7 +194,7 @@ def run_evaluate(cfg, storage, ray=None, tracker=None, scorers: list[str] | None
 def evaluated_model(cfg, storage, scorer: str) -> dict:
     """For a `nearid` scorer: the model dir it scores with and, when run_train published it with
     tracking on (its train_summary.json says so), the registered version and the training run."""
-    from ..scorers import parse_scorer
+    from ..config import model_dir_for
     from .evaluate import default_model_dir
 
     sc = parse_scorer(scorer)
@@ -204,7 +205,7 @@ def evaluated_model(cfg, storage, scorer: str) -> dict:
     summary = {}
     try:
         if sc.model is None:
-            rel = f"models/{cfg.run.name}-train"
+            rel = model_dir_for(cfg)
             if storage.exists(rel, "train_summary.json"):
                 summary = storage.read_json(f"{rel}/train_summary.json")
         elif os.path.isfile(os.path.join(model_dir, "train_summary.json")):

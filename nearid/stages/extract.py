@@ -14,9 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..backbone import backbone_kwargs, torch_dtype  # noqa: F401 (re-exported for callers)
+from ..config import BackboneConfig
 from ..devices import to_host
 from ..images import BadImage, decode_image
-from ..leases import stage_leases
+from ..manifest import stage_leases
 from ..storage import StorageRefused  # noqa: F401 (raised here; re-exported)
 from ..raytools import fault_point, record_placement, write_dataset
 from ..schema import (DISTRACTORS, FEATURE_KEY, FEATURE_META, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
@@ -363,13 +364,31 @@ def _pending_chunks(storage, sources: list[str], splits, done: set, chunk_rows: 
         yield pa.concat_tables(buf)
 
 
+def _scorer_record(storage, table: str) -> dict | None:
+    """`<table>/_scorer.json` with its backbone identity (computed for files written before it was kept)."""
+    rel = f"{table}/_scorer.json"
+    if not storage.exists(rel):
+        return None
+    rec = storage.read_json(rel)
+    if "identity" not in rec and isinstance(rec.get("backbone"), dict):
+        rec["identity"] = BackboneConfig(**rec["backbone"]).identity()
+    return rec
+
+
+def features_identity(storage, cfg, table: str = "features") -> dict:
+    """The identity of the backbone that extracted `table` (its _scorer.json; the config's when the
+    table predates that file)."""
+    rec = _scorer_record(storage, table)
+    return rec["identity"] if rec else cfg.extract.backbone.identity()
+
+
 def _check_same_scorer(storage, table: str, e) -> None:
     """Resuming into a table written by another backbone/model would mix features: refuse."""
-    sig = {"backbone": e.backbone.model_dump(mode="json"), "model_dir": e.model_dir,
-           "readouts": e.readouts, "write_tokens": e.write_tokens}
+    sig = {"backbone": e.backbone.model_dump(mode="json"), "identity": e.backbone.identity(),
+           "model_dir": e.model_dir, "readouts": e.readouts, "write_tokens": e.write_tokens}
     rel = f"{table}/_scorer.json"
     if storage.exists(rel):
-        old = storage.read_json(rel)
+        old = _scorer_record(storage, table)
         if old != sig:
             raise ValueError(f"{storage.uri(table)} was extracted with {old}, not {sig}: use another "
                              f"run root (run.root) or out table, or delete {storage.uri(table)}")

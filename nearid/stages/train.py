@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..config import config_to_dict, flatten
+from ..config import config_to_dict, flatten, model_dir_for, train_run_name
 from ..protocol import PROTOCOL_FILE
 from ..raytools import write_dataset
 from ..schema import flatten_tokens, items_table
@@ -157,7 +157,8 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
         if tc.materialize:
             ds = ds.materialize()
     ds.set_name(items)
-    run_name = run_name or f"{cfg.run.name}-train"
+    run_name = run_name or train_run_name(cfg)
+    model_rel = model_dir_for(cfg, run_name)
     run_id = None
     if tracker is not None:
         run_id = tracker.start(run_name, tags={"stage": "train", "backbone": cfg.extract.backbone.name,
@@ -193,10 +194,10 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
             tracker.end("FAILED")
         raise
     ckpt, ckpt_metrics = pick_checkpoint(result, tc.publish)
-    model_dir = storage.uri("models", run_name)
+    model_dir = storage.uri(model_rel)
     published = {"which": tc.publish, "step": ckpt_metrics.get("step"),
                  "val": {k: v for k, v in ckpt_metrics.items() if k.startswith("val_")}}
-    publish_model(ckpt, storage, f"models/{run_name}", published)
+    publish_model(ckpt, storage, model_rel, published)
     summary = {"run_name": run_name, "items": n_items, "mtg_items": n_mtg, "settings": settings,
                "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
                "published": published, "model_dir": model_dir, "seconds": round(time.time() - t0, 2)}
@@ -213,7 +214,7 @@ def run_train(cfg, storage, ray, tracker=None, run_name: str | None = None,
                         "unreachable; the model and train_summary.json are complete", lost, run_name)
     else:
         summary["metrics"].pop("mlflow_lost_points", None)
-    storage.write_json(f"models/{run_name}/train_summary.json", summary)
+    storage.write_json(f"{model_rel}/train_summary.json", summary)
     return summary
 
 
@@ -226,7 +227,7 @@ def _log_published(tracker, storage, run_name, run_id, model_dir, published, whi
            if isinstance(v, (int, float))}
     step = int(published["step"] or 0)
     tracker.set_tags({"published": which, "published_step": str(published["step"]), "model_dir": model_dir})
-    local = _local_copy(storage, f"models/{run_name}")
+    local = _local_copy(storage, model_rel)
     tracker.log_artifact(local, "model")
     logged = tracker.log_model(local, REGISTERED_MODEL, step=step, version_tags={
         "run_name": run_name, "model_dir": model_dir, "published": which,
