@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     if args.cmd == "plan":
         return _plan(args)
     if args.cmd == "convert":
-        from .released import cli_convert
+        from .convert import cli_convert
 
         return cli_convert(args)
     if args.cmd in ("mh", "mh-score"):

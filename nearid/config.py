@@ -257,7 +257,7 @@ def train_run_name(cfg: "Config") -> str:
     return f"{cfg.run.name}-train"
 
 
-def model_dir_for(cfg: "Config", run_name: str | None = None) -> str:
+def model_dir_for(cfg: "Config | None", run_name: str | None = None) -> str:
     """Where a training publishes its model, relative to the run root: `models/<run>-train`, or
     `models/<run_name>` for a training given its own run name; the `nearid` scorer's default."""
     return f"models/{run_name or train_run_name(cfg)}"

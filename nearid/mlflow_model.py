@@ -2,7 +2,7 @@
 
     import mlflow
     mlflow.set_tracking_uri("sqlite:///runs/demo/mlflow.db")   # or the `mlflow ui` server's URL
-    import nearid.mlflow_model                                 # only for sqlite: see nearid/tracking.py
+    import nearid.mlflow_model                                 # only for sqlite: see nearid/mlflow_artifacts.py
     scorer = mlflow.pyfunc.load_model("models:/nearid/1")      # or "models:/nearid/latest"
     scorer.predict(pd.DataFrame({"reference": ["ref.png"], "generated": ["gen.png"]}))
     # -> DataFrame with one `score` column (cosine similarity, as NearIDModel.score)
@@ -24,7 +24,7 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-from .tracking import use_local_proxied_artifacts
+from .mlflow_artifacts import use_local_proxied_artifacts
 
 REGISTERED_MODEL = "nearid"
 MODEL_DIR_ARTIFACT = "model_dir"

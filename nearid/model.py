@@ -34,7 +34,7 @@ from nearid.backbone import (
 from nearid.head import MAPHead
 from nearid.numerics import rowwise
 from nearid.protocol import PROTOCOL_FILE, check_protocol, model_protocol, read_protocol, write_protocol
-from nearid.released import is_released_config, load_released, stored_dtype
+from nearid.released import check_tensor_names, is_released_config, load_released, stored_dtype
 
 FORMAT_NAME = "nearid-model"
 FORMAT_VERSION = 1
@@ -219,7 +219,7 @@ class NearIDModel(nn.Module):
                 storage_options=storage_options,
                 cache_dir=cache_dir,
             )
-        _check_tensor_names(tensors, expected, weights_path)
+        check_tensor_names(tensors, expected, weights_path)
         head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
         if backbone_cfg.get("weights_included"):
             backbone.model.load_state_dict(
@@ -292,20 +292,6 @@ def _check_format(config: dict, config_path: Path) -> None:
     for field in ("backbone", "head"):
         if field not in config:
             raise ValueError(f"{config_path}: missing field {field!r}")
-
-
-def _check_tensor_names(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path) -> None:
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: missing tensors {missing}, unexpected tensors {unexpected}")
-    misshapen = sorted(
-        f"{name} {list(tensors[name].shape)} != {list(shape)}"
-        for name, shape in expected.items()
-        if tensors[name].shape != shape
-    )
-    if misshapen:
-        raise ValueError(f"{source}: tensors with wrong shape: {misshapen}")
 
 
 def _backbone_from_config(backbone_cfg: dict) -> Backbone:

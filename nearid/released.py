@@ -144,14 +144,27 @@ def _uninitialised_tower(vision: SiglipVisionConfig) -> SiglipVisionModel:
     return tower
 
 
+def check_tensor_names(tensors: dict[str, torch.Tensor], expected: dict[str, torch.Size], source: Path) -> None:
+    """ValueError naming `source` for missing, unexpected or misshapen tensors (every weights load)."""
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing tensors {missing}, unexpected tensors {unexpected}")
+    misshapen = sorted(
+        f"{name} {list(tensors[name].shape)} != {list(shape)}"
+        for name, shape in expected.items()
+        if tensors[name].shape != shape
+    )
+    if misshapen:
+        raise ValueError(f"{source}: tensors with wrong shape: {misshapen}")
+
+
 def load_released(directory: Path, config: dict, config_path: Path, *, name: str) -> tuple[Backbone, MAPHead]:
     """(backbone, head) in float32 from a released checkpoint dir; `name` becomes the backbone's name.
 
     Raises FileNotFoundError for a missing weights file and ValueError for a config that is not
     a NearID checkpoint or for missing/unexpected/misshapen tensors, each naming the file.
     """
-    from .model import _check_tensor_names  # model imports this module: import lazily
-
     directory = Path(directory)
     vision = released_vision_config(config, config_path)
     files, weights_path = _weight_files(directory, name)
@@ -164,7 +177,7 @@ def load_released(directory: Path, config: dict, config_path: Path, *, name: str
     # float32; fp16/bf16 tensors are upcast on load.
     tower = _uninitialised_tower(vision)
     expected = {prefix + key: value.shape for key, value in tower.state_dict().items()}
-    _check_tensor_names(tensors, expected, weights_path)
+    check_tensor_names(tensors, expected, weights_path)
     tower.load_state_dict({key[len(prefix):]: value for key, value in tensors.items()})
     processor = released_processor(directory, config, config_path)
     backbone = Backbone(tower, "siglip", processor, name=name, reloadable=False)
@@ -172,43 +185,3 @@ def load_released(directory: Path, config: dict, config_path: Path, *, name: str
         raise ValueError(f"{directory / PREPROCESSOR_FILE}: images are resized to {backbone.image_size} px but "
                          f"the tower in {config_path} takes {vision.image_size} px")
     return backbone, MAPHead.from_backbone(backbone)
-
-
-def convert_released(
-    source: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    dtype: torch.dtype | None = None,
-    storage_options: dict | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Path:
-    """Write a NearID model dir (`NearIDModel.save_pretrained`, backbone weights included) for
-    the model at `source` (a released checkpoint, or any dir `from_pretrained` loads).
-
-    `dtype=None` keeps the dtype the source tensors are stored in (fp16 for the release), so the
-    converted dir loads to exactly the same weights. Refuses to write into `source` itself.
-    """
-    from .model import NearIDModel, resolve_model_dir
-
-    local = resolve_model_dir(source, storage_options, cache_dir)
-    out_path = Path(out)
-    if out_path.exists() and out_path.resolve() == local.resolve():
-        raise ValueError(f"{out_path}: the output dir is the source dir; choose another OUT")
-    if dtype is None:
-        dtype = stored_dtype(local)
-    model = NearIDModel.from_pretrained(source, storage_options=storage_options, cache_dir=cache_dir)
-    return model.to(dtype=dtype).save_pretrained(out_path, save_backbone=True)
-
-
-def cli_convert(args) -> int:
-    """`nearid convert DIR OUT [--dtype]`: a user mistake is one `error:` line and exit code 2."""
-    import sys
-
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
-    try:
-        out = convert_released(args.source, args.out, dtype=dtype)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote NearID model dir {out} (from {args.source})")
-    return 0

@@ -72,6 +72,7 @@ def test_save_load_round_trip(model, tmp_path):
     assert config["backbone"] == {
         "name": "tiny-random", "kind": "siglip", "weights_included": False, "seed": 0, "tiny_overrides": {},
         "hidden_size": 64, "image_size": 64, "num_tokens": 64,
+        "identity": {"name": "tiny-random", "seed": 0, "tiny": {}},   # BackboneConfig.identity()
     }
     assert config["head"] == {"hidden_size": 64, "num_heads": 4, "intermediate_size": 128,
                               "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}

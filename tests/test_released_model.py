@@ -30,7 +30,7 @@ from nearid.backbone import siglip_processor
 from nearid.cli import main as cli_main
 from nearid.config import ExtractConfig
 from nearid.model import NearIDModel
-from nearid.released import convert_released
+from nearid.convert import convert_released
 from nearid.stages.extract import build_processor, load_scorer
 
 ROOT = Path(__file__).resolve().parents[1]

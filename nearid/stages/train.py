@@ -227,7 +227,7 @@ def _log_published(tracker, storage, run_name, run_id, model_dir, published, whi
            if isinstance(v, (int, float))}
     step = int(published["step"] or 0)
     tracker.set_tags({"published": which, "published_step": str(published["step"]), "model_dir": model_dir})
-    local = _local_copy(storage, model_rel)
+    local = _local_copy(storage, model_dir_for(None, run_name))
     tracker.log_artifact(local, "model")
     logged = tracker.log_model(local, REGISTERED_MODEL, step=step, version_tags={
         "run_name": run_name, "model_dir": model_dir, "published": which,
