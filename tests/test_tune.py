@@ -372,14 +372,17 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(world, tm
     rc, _ = job_process.run(["jobs.tune", *args], env, timeout=600)
     assert rc == 137, job_process.tail()
     exp = world / "tune/resume"
-    before = recorded_trials(str(exp))
-    finished = {t for t, s in before.items() if s == "TERMINATED"}
-    assert len(finished) >= 2 and not (world / "reports/resume/summary.json").exists()
-    snapshot = {t: (result_lines(exp / t), sorted(p.name for p in (exp / t).iterdir())) for t in finished}
     # a driver killed while Tune copied its state leaves a torn file: the resume must survive it
     newest = state_files(str(exp))[-1]
     text = Path(newest).read_text()
     Path(newest).write_text(text[: len(text) // 2])
+    # what the restore will see: the last intact copy, the state the kill hook acted on (the torn
+    # newest file may be a moment newer and record a trial finished that the copy has running:
+    # that one is resumed from its checkpoint, as it should be)
+    before = recorded_trials(str(exp))
+    finished = {t for t, s in before.items() if s == "TERMINATED"}
+    assert len(finished) >= 2 and not (world / "reports/resume/summary.json").exists()
+    snapshot = {t: (result_lines(exp / t), sorted(p.name for p in (exp / t).iterdir())) for t in finished}
 
     cfg = cfg_for(world, *extra)
     summary = run_sweep(cfg, Storage.open(str(world)), ray_local, str(space), name="resume")
