@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from nearid.backbone import load_backbone
+from nearid.backbones.dispatch import load_backbone
 from nearid.head import MAPHead
 from nearid.losses import build_loss
 

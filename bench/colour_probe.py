@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nearid.backbone import load_backbone
+from nearid.backbones.dispatch import load_backbone
 from nearid.synth.render import paste, render_object, scale_for_area, top_left
 from nearid.synth.spec import random_spec
 from nearid.synth.variation import changed_attributes, perturb

@@ -62,7 +62,7 @@ def timed(fn, warmup: int = 2, iters: int = 5) -> float:
 
 
 def backbone(smoke: bool, device: str):
-    from nearid.backbone import load_backbone
+    from nearid.backbones.dispatch import load_backbone
 
     bb = load_backbone("tiny-random" if smoke else "so400m-random", device=device,
                        dtype=torch.float32 if smoke else torch.bfloat16)

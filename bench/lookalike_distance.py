@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nearid.backbone import load_backbone
+from nearid.backbones.dispatch import load_backbone
 from nearid.config import load_config
 from nearid.synth import SynthWorld
 from nearid.synth.variation import perturb

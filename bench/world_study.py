@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from nearid import numerics
-from nearid.backbone import load_backbone
+from nearid.backbones.dispatch import load_backbone
 from nearid.generate.masks import composite, dilate_mask
 from nearid.generate.procedural import ProceduralBackend
 from nearid.generate.prompts import near_identity_prompt
 from nearid.head import MAPHead
 from nearid.model import initial_head
-from nearid.pretrained import mean_pool_head_init_
+from nearid.backbones.dinov2_small import mean_pool_head_init_
 from nearid.losses import build_loss
 from nearid.metrics import nearid_scores
 from nearid.stages.generate import row_seed

@@ -89,8 +89,8 @@ STAGES_WITHOUT_BACKBONE = ("synth", "generate")
 
 def _with_available_backbone(cfg, args):
     """The config to run: a pretrained backbone that cannot be had falls back to the tiny random
-    SigLIP here, before Ray starts, with the readouts and scorers it has (nearid.pretrained)."""
-    from .pretrained import PretrainedUnavailable, fallback_readouts, with_available_backbone
+    SigLIP here, before Ray starts, with the readouts and scorers it has (nearid.backbones.dinov2_small)."""
+    from .backbones.dinov2_small import PretrainedUnavailable, fallback_readouts, with_available_backbone
 
     try:
         run_cfg = with_available_backbone(cfg)

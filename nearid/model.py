@@ -24,17 +24,13 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from nearid.backbone import (
-    KIND_CLASSES,
-    Backbone,
-    download_s3_dir,
-    load_backbone,
-    processor_from_spec,
-)
+from nearid.backbones.core import KIND_CLASSES, Backbone, processor_from_spec
+from nearid.backbones.dispatch import load_backbone
 from nearid.head import MAPHead
 from nearid.numerics import rowwise
 from nearid.protocol import PROTOCOL_FILE, check_protocol, model_protocol, read_protocol, write_protocol
 from nearid.released import check_tensor_names, is_released_config, load_released, stored_dtype
+from nearid.storage import download_s3_dir
 
 FORMAT_NAME = "nearid-model"
 FORMAT_VERSION = 1

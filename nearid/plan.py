@@ -67,20 +67,13 @@ def scale_figures() -> dict:
         return {}
 
 
-KNOWN_TOKEN_SHAPES = {"so400m-patch14-384": (729, 1152), "so400m-patch16-512": (1024, 1152),
-                      "base-patch16-224": (196, 768), "large-patch16-384": (576, 1024)}
-
-
 def _token_shape(cfg) -> tuple[int, int]:
-    """From the backbone's config when it is at hand, else from its name (planning happens
-    before the weights are downloaded)."""
+    """From the name when it is a hub id of a known family (planning happens before the weights
+    are downloaded), else from the backbone's config and processor."""
+    from .backbones.dispatch import known_token_shape
     from .stages.extract import token_shape
 
-    name = cfg.extract.backbone.name
-    for key, shape in KNOWN_TOKEN_SHAPES.items():
-        if key in name and "/" in name:   # a hub id of a known family: no download to plan
-            return shape
-    return token_shape(cfg.extract)
+    return known_token_shape(cfg.extract.backbone.name) or token_shape(cfg.extract)
 
 
 def plan(cfg, usd_per_gpu_hour: float | None = None, storage=None) -> dict:

@@ -72,13 +72,9 @@ def backbone_revision(backbone) -> str | None:
     commit = getattr(backbone.model.config, "_commit_hash", None)
     if commit:
         return str(commit)
-    from .pretrained import is_pretrained_name
+    from .backbones.dispatch import name_revision
 
-    if is_pretrained_name(backbone.name) and backbone.kind == "dinov2":
-        from .dinov2_convert import WHEEL_FILE, WHEEL_SHA256
-
-        return f"{WHEEL_FILE} sha256:{WHEEL_SHA256}"
-    return None
+    return name_revision(backbone.name, backbone.kind)
 
 
 def model_protocol(model, dtype=None, weights_included: bool | None = None) -> dict:

@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import SiglipImageProcessorPil, SiglipVisionConfig, SiglipVisionModel
 
-from .backbone import SO400M_CONFIG, Backbone, siglip_processor
+from .backbones.core import SO400M_CONFIG, Backbone, siglip_processor
 from .head import MAPHead
 
 log = logging.getLogger("nearid.released")

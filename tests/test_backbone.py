@@ -16,7 +16,9 @@ from transformers import (
     ViTConfig,
 )
 
-from nearid.backbone import TINY_DEFAULTS, load_backbone, tiny_siglip_config
+from nearid.backbones.core import TINY_DEFAULTS, tiny_siglip_config
+
+from nearid.backbones.dispatch import load_backbone
 
 HEAD_KEYS = {
     "probe", "attention.in_proj_weight", "attention.in_proj_bias", "attention.out_proj.weight",

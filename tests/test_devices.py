@@ -56,7 +56,7 @@ def test_extraction_actor_moves_results_to_host_before_arrow():
 
 
 def test_validation_embeddings_move_to_host():
-    from nearid.backbone import tiny_siglip_config
+    from nearid.backbones.core import tiny_siglip_config
     from nearid.head import MAPHead
     from nearid.training.validate import embed_items
 

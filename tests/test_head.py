@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from transformers import SiglipVisionConfig
 from transformers.models.siglip.modeling_siglip import SiglipMultiheadAttentionPoolingHead
 
-from nearid.backbone import load_backbone
+from nearid.backbones.dispatch import load_backbone
 from nearid.head import MAPHead
 
 

@@ -415,7 +415,7 @@ def test_frozen_baselines_on_another_backbone_in_the_same_evaluation(pipeline_ru
     import torch
     from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
-    from nearid.backbone import load_backbone
+    from nearid.backbones.dispatch import load_backbone
     from nearid.images import decode_image
     from nearid.stages.evaluate import baseline_table, scorer_embeddings
     from nearid.stages.evaluate_report import run_evaluate

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionModel
 
-from nearid.backbone import Backbone, siglip_processor, tiny_siglip_config
+from nearid.backbones.core import Backbone, siglip_processor, tiny_siglip_config
 from nearid.model import NearIDModel, score_pairs
 
 

@@ -37,7 +37,7 @@ def _without_skimage(monkeypatch):
 def skimage_wheel() -> Path:
     """The pinned wheel through the production path (shared cache, else pip download)."""
     P._skimage_wheel([p for p in P.PHOTOS if p.package == "skimage"], None, True)
-    from nearid.dinov2_convert import cache_root
+    from nearid.backbones.dinov2_convert import cache_root
     return sorted((cache_root() / "wheels").glob(P.SKIMAGE_WHEEL_GLOB))[0]
 
 

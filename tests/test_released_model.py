@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import AutoImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-from nearid.backbone import siglip_processor
+from nearid.backbones.core import siglip_processor
 from nearid.cli import main as cli_main
 from nearid.config import ExtractConfig
 from nearid.model import NearIDModel

@@ -1,7 +1,7 @@
 """tiny-random with token_mixing=false: every token depends on its own patch only."""
 import torch
 
-from nearid.backbone import load_backbone
+from nearid.backbones.dispatch import load_backbone
 from nearid.model import NearIDModel
 
 TINY = {"image_size": 16, "patch_size": 4, "hidden_size": 32, "num_hidden_layers": 2,

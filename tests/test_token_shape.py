@@ -3,7 +3,7 @@ the loaded backbone for every family."""
 import pytest
 from transformers import CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model
 
-from nearid.backbone import load_backbone
+from nearid.backbones.dispatch import load_backbone
 from nearid.config import ExtractConfig
 from nearid.stages.extract import token_shape
 

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..backbone import backbone_kwargs, torch_dtype  # noqa: F401 (re-exported for callers)
+from ..backbones.core import processor_from_spec, torch_dtype
+from ..backbones.dispatch import backbone_kwargs, load_backbone, processor_for, token_shape_for
 from ..config import BackboneConfig
 from ..devices import to_host
 from ..images import BadImage, decode_image
@@ -32,7 +33,6 @@ IMAGE_ROWS = pa.schema([*FEATURE_META, ("image", pa.binary())])   # what extract
 
 def load_scorer(ecfg, device: str = "cpu"):
     """(backbone, model or None): a NearID model dir wins over the configured backbone."""
-    from ..backbone import load_backbone
     from ..model import NearIDModel
 
     dtype = torch_dtype(ecfg.backbone.dtype) if device != "cpu" else None
@@ -45,8 +45,6 @@ def load_scorer(ecfg, device: str = "cpu"):
 
 def build_processor(ecfg):
     """Only the image processor, for the CPU stage (never the model weights)."""
-    from ..backbone import processor_from_spec, siglip_processor, tiny_siglip_config
-
     if ecfg.model_dir:
         import json
 
@@ -60,54 +58,14 @@ def build_processor(ecfg):
         conf = conf["backbone"]
         if "image_processor" in conf:
             return processor_from_spec(conf["image_processor"])
-        name, tiny = conf["name"], conf.get("tiny_overrides") or {}
-    else:
-        name, tiny = ecfg.backbone.name, ecfg.backbone.tiny
-    from ..pretrained import is_pretrained_name, pretrained_processor
-
-    if is_pretrained_name(name):  # "dinov2-small[@px]": the processor load_backbone would use
-        return pretrained_processor(name)
-    if name == "tiny-random":
-        tiny = {k: v for k, v in tiny.items() if k != "token_mixing"}
-        return siglip_processor(tiny_siglip_config(**tiny).image_size)
-    if name == "so400m-random":
-        return siglip_processor(384)
-    from transformers import AutoConfig
-
-    from ..backbone import _ARCHITECTURES, _load_processor
-
-    conf = AutoConfig.from_pretrained(name, trust_remote_code=False)
-    kind, _, _, processor_cls = _ARCHITECTURES[conf.model_type]
-    # the same choice as load_backbone: the checkpoint's processor, else the family default
-    return _load_processor(name, kind, processor_cls, getattr(conf, "vision_config", conf))
+        return processor_for(conf["name"], conf.get("tiny_overrides") or {})
+    return processor_for(ecfg.backbone.name, ecfg.backbone.tiny)
 
 
 def token_shape(ecfg) -> tuple[int, int]:
     """(T, D) of the backbone's tokens from its config and processor alone: the estimate before a
     run must not load the weights on the driver (the actors load them)."""
-    from PIL import Image
-
-    from ..backbone import SO400M_CONFIG, tiny_siglip_config
-
-    name = ecfg.backbone.name
-    from ..pretrained import is_pretrained_name, pretrained_token_shape
-
-    if is_pretrained_name(name):
-        return pretrained_token_shape(name)
-    if name == "tiny-random":
-        conf = tiny_siglip_config(**{k: v for k, v in ecfg.backbone.tiny.items() if k != "token_mixing"})
-    elif name == "so400m-random":
-        from transformers import SiglipVisionConfig
-
-        conf = SiglipVisionConfig(**SO400M_CONFIG)
-    else:
-        from transformers import AutoConfig
-
-        conf = AutoConfig.from_pretrained(name, trust_remote_code=False)
-        conf = getattr(conf, "vision_config", conf)
-    size = build_processor(ecfg)(images=[Image.new("RGB", (8, 8))], return_tensors="np")["pixel_values"].shape[-1]
-    prefix = 0 if conf.model_type.startswith("siglip") else 1  # CLIP / DINOv2 carry a CLS token
-    return (size // conf.patch_size) ** 2 + prefix, conf.hidden_size
+    return token_shape_for(ecfg.backbone.name, ecfg.backbone.tiny, build_processor(ecfg))
 
 
 class Decode:

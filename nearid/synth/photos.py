@@ -112,7 +112,7 @@ def _from_wheel(wheel: Path, photos: list[Photo]) -> dict[str, bytes]:
 
 
 def _skimage_wheel(photos: list[Photo], cache_dir, download: bool | None) -> dict[str, bytes]:
-    from nearid.dinov2_convert import ENV_DOWNLOAD, PretrainedUnavailable, cache_root, env_flag, pip_download
+    from nearid.backbones.dinov2_convert import ENV_DOWNLOAD, PretrainedUnavailable, cache_root, env_flag, pip_download
 
     explicit = os.environ.get(ENV_SKIMAGE_WHEEL)
     if explicit:
@@ -165,7 +165,7 @@ def load_photos(cache_dir: str | os.PathLike | None = None,
                 download: bool | None = None) -> list[tuple[Photo, np.ndarray]]:
     """Every pinned photo as (Photo, uint8 array: HxWx3 colour, HxW grey), once per process;
     PhotosUnavailable when any of them cannot be found or fails its checksum."""
-    from nearid.dinov2_convert import cache_root
+    from nearid.backbones.dinov2_convert import cache_root
 
     key = str(cache_root(cache_dir))
     with _LOCK:

