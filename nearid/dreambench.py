@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .score_io import read_pairs
 from .dreambench_ratings import (CATEGORY_ORDER, CLIP, GROUPS, HUMAN_DIR, HUMAN_SUFFIX,  # noqa: F401
                                  KEY_ALIASES, SCORER_DIR, HumanRatings, RatingsError, canonical_key,
                                  category_of, find_scorers, format_mh, load_human, mh_scores, pearson,
@@ -68,16 +69,9 @@ RUN_PREFIX_TO_METHOD = {
 
 # ----------------------------------------------------------------------------- new scorer folders
 def read_mh_pairs(path: str) -> pd.DataFrame:
-    """A PAIRS table (CSV or Parquet): method, key, reference, generated; one row per image."""
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False) if str(path).endswith(".csv") \
-            else pd.read_parquet(path)
-    except FileNotFoundError:
-        raise RatingsError(f"{path}: file not found") from None
-    except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
-        raise RatingsError(f"{path}: cannot read as {'CSV' if str(path).endswith('.csv') else 'Parquet'} "
-                           f"({type(e).__name__}: {e})") from None
-    return check_pairs(df, str(path))
+    """A PAIRS table (CSV, JSON or Parquet; `score_io.read_pairs`): method, key, reference,
+    generated; one row per image."""
+    return check_pairs(read_pairs(path, PAIR_COLUMNS, error=RatingsError), str(path))
 
 
 def check_pairs(df: pd.DataFrame, what: str = "pairs") -> pd.DataFrame:

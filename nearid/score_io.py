@@ -37,40 +37,47 @@ def format_of(path: str, flag: str) -> str:
     return fmt
 
 
-def read_pairs(path: str) -> pd.DataFrame:
-    """The pairs file (CSV, JSON list of objects, or Parquet) with `reference`, `generated` columns
-    (paths or URLs, no blanks); any other columns are kept and written back beside the score (an
-    old `score` column, as in a file this command wrote, is replaced by the new one)."""
+def read_pairs(path: str, required: tuple[str, ...] = PAIR_COLUMNS, *, storage_options: dict | None = None,
+               error: type[ValueError] = ScoreIOError) -> pd.DataFrame:
+    """The one reader of pairs files (`nearid score --pairs`, the batch `jobs.score`, `nearid
+    mh-score --pairs`): CSV (a header row), a JSON list of objects or Parquet, by extension; local
+    or any fsspec URL (`storage_options`). `required` columns must be there and never blank; a
+    value is a path / URL string or, in Parquet, image bytes. Other columns are kept. Every
+    mistake is an `error` (a ValueError) naming the file, and the row or column."""
     fmt = format_of(path, "--pairs")
     if "://" not in str(path) and not Path(path).is_file():
-        raise ScoreIOError(f"{path}: pairs file not found")
+        raise error(f"{path}: pairs file not found")
     try:
-        if fmt == "csv":
-            df = pd.read_csv(path, dtype={c: str for c in PAIR_COLUMNS}, keep_default_na=False)
-        elif fmt == "parquet":
-            df = pd.read_parquet(path)
-        else:
-            import fsspec
+        import fsspec
 
-            with fsspec.open(path, "r", encoding="utf-8") as f:
+        with fsspec.open(str(path), "rb", **(storage_options or {})) as f:
+            if fmt == "csv":
+                df = pd.read_csv(f, dtype={c: str for c in required}, keep_default_na=False)
+            elif fmt == "parquet":
+                df = pd.read_parquet(f)
+            else:
                 rows = json.load(f)
-            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-                raise ScoreIOError(f"{path}: expected a JSON list of objects with reference, generated")
-            df = pd.DataFrame(rows)
-    except ScoreIOError:
+                if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                    raise error(f"{path}: expected a JSON list of objects with {', '.join(required)}")
+                df = pd.DataFrame(rows)
+    except error:
         raise
+    except FileNotFoundError:
+        raise error(f"{path}: pairs file not found") from None
     except Exception as e:  # noqa: BLE001 - any parse failure is the user's file
-        raise ScoreIOError(f"{path}: cannot read as {fmt} ({type(e).__name__}: {e})") from None
-    missing = [c for c in PAIR_COLUMNS if c not in df.columns]
+        raise error(f"{path}: cannot read as {fmt} ({type(e).__name__}: {e})") from None
+    missing = [c for c in required if c not in df.columns]
     if missing:
-        raise ScoreIOError(f"{path}: missing columns {missing}; has {list(df.columns)}")
+        raise error(f"{path}: missing columns {missing}; has {list(df.columns)}")
     if df.empty:
-        raise ScoreIOError(f"{path}: no pairs")
-    for c in PAIR_COLUMNS:
-        blank = df[c].isna() | (df[c].astype(str).str.strip() == "")
+        raise error(f"{path}: no pairs")
+    for c in required:
+        blank = df[c].map(lambda v: v is None or (isinstance(v, float) and math.isnan(v))
+                          or (isinstance(v, (bytes, bytearray)) and not v)
+                          or (isinstance(v, str) and not v.strip()))
         if blank.any():
-            raise ScoreIOError(f"{path}: row {int(blank.to_numpy().nonzero()[0][0])} has no {c}")
-        df[c] = df[c].astype(str)
+            raise error(f"{path}: row {int(blank.to_numpy().nonzero()[0][0])} has no {c}")
+        df[c] = df[c].map(lambda v: v if isinstance(v, (bytes, bytearray)) else str(v))
     return df.reset_index(drop=True)
 
 

@@ -165,3 +165,42 @@ def test_a_scores_file_can_be_scored_again(model_dir, pairs, expected, tmp_path,
     got = json.loads(again.read_text())
     assert [list(r) for r in got] == [["reference", "generated", "method", "score"]] * 4   # one score column
     assert [r["score"] for r in got] == pytest.approx(expected, abs=1e-6)
+
+
+def test_one_pairs_reader_for_the_cli_the_batch_job_and_mh_score(images, tmp_path):
+    """`score_io.read_pairs` is what `nearid score --pairs`, `jobs.score` and `nearid mh-score
+    --pairs` read with: the same rows from CSV, JSON and Parquet; image bytes kept as bytes;
+    each caller's error class and required columns."""
+    from nearid.dreambench import read_mh_pairs
+    from nearid.dreambench_ratings import RatingsError
+    from nearid.score_io import ScoreIOError, read_pairs
+    from nearid.stages.score import read_pairs as read_batch_pairs
+
+    frame = pd.DataFrame({"method": ["m", "m"], "key": ["k0", "k1"],
+                          "reference": images[:2], "generated": images[2:4]})
+    frame.to_csv(tmp_path / "p.csv", index=False)
+    frame.to_parquet(tmp_path / "p.parquet")
+    (tmp_path / "p.json").write_text(json.dumps(frame.to_dict("records")))
+    read = {ext: read_pairs(str(tmp_path / f"p.{ext}")) for ext in ("csv", "json", "parquet")}
+    for df in read.values():
+        pd.testing.assert_frame_equal(df, read["csv"])
+    assert read["csv"]["key"].tolist() == ["k0", "k1"]
+    for ext in ("csv", "json", "parquet"):
+        assert read_mh_pairs(str(tmp_path / f"p.{ext}"))["key"].tolist() == ["k0", "k1"]
+
+    # the batch job: bytes in Parquet stay bytes; method/prompt/pair filled in
+    with_bytes = frame.drop(columns=["method"]).assign(reference=[Path(p).read_bytes() for p in images[:2]])
+    with_bytes.to_parquet(tmp_path / "b.parquet")
+    table = read_batch_pairs(str(tmp_path / "b.parquet"))
+    assert table.column("reference").to_pylist()[0] == Path(images[0]).read_bytes()
+    assert table.column("method").to_pylist() == ["all", "all"] and table.column("pair").to_pylist() == [0, 1]
+
+    frame.drop(columns=["key"]).to_csv(tmp_path / "nokey.csv", index=False)
+    read_pairs(str(tmp_path / "nokey.csv"))  # the score CLI needs no key
+    with pytest.raises(RatingsError, match=r"nokey\.csv: missing columns \['key'\]"):
+        read_mh_pairs(str(tmp_path / "nokey.csv"))
+    frame.assign(generated=["", images[3]]).to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(ScoreIOError, match=r"blank\.csv: row 0 has no generated"):
+        read_pairs(str(tmp_path / "blank.csv"))
+    with pytest.raises(ValueError, match=r"gone\.parquet: pairs file not found"):
+        read_batch_pairs(str(tmp_path / "gone.parquet"))

@@ -13,31 +13,23 @@ import math
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from ..devices import to_host
 from ..images import BadImage, decode_image
 from ..raytools import write_dataset
 from ..schema import REJECTS, make_key
-
-REQUIRED = ("reference", "generated")
-
+from ..score_io import PAIR_COLUMNS as REQUIRED, read_pairs as read_pairs_file
 
 def read_pairs(path: str, storage_options: dict | None = None) -> pa.Table:
-    import fsspec
-
-    with fsspec.open(path, "rb", **(storage_options or {})) as f:
-        t = pacsv.read_csv(f) if path.endswith(".csv") else pq.read_table(f)
-    missing = [c for c in REQUIRED if c not in t.column_names]
-    if missing:
-        raise ValueError(f"pairs table {path} is missing columns {missing}; has {t.column_names}")
-    n = t.num_rows
-    if "method" not in t.column_names:
-        t = t.append_column("method", pa.array(["all"] * n))
-    if "prompt" not in t.column_names:
-        t = t.append_column("prompt", pa.array([""] * n))
-    return t.append_column("pair", pa.array(np.arange(n), pa.int64()))
+    """The pairs table (`score_io.read_pairs`: CSV, JSON or Parquet, local or s3://) with the
+    optional `method` ("all") and `prompt` ("") filled in and a `pair` row number."""
+    df = read_pairs_file(path, REQUIRED, storage_options=storage_options)
+    if "method" not in df.columns:
+        df["method"] = "all"
+    if "prompt" not in df.columns:
+        df["prompt"] = ""
+    df["pair"] = np.arange(len(df), dtype=np.int64)
+    return pa.Table.from_pandas(df, preserve_index=False)
 
 
 def _load(x, storage_options):
