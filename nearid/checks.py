@@ -42,6 +42,14 @@ def check_scorers(scorers: list[str], readouts: list[str], where: str = "eval.sc
                               f"frozen:{sc.readout}@<backbone> for another backbone)")
 
 
+def check_benchmarks(cfg: Config) -> None:
+    from .benchmarks.registry import names
+
+    unknown = [b for b in cfg.eval.benchmarks if b not in names()]
+    if unknown:
+        raise ConfigError(f"eval.benchmarks: unknown benchmark(s) {unknown}: use any of {names()}")
+
+
 def check_backends(cfg: Config) -> None:
     from .generate.backends import VALID_KINDS
 
@@ -70,6 +78,7 @@ def resolve_repo_path(path: str) -> Path | None:
 def check_config(cfg: Config, stage: str) -> None:
     check_loss(cfg)
     check_scorers(cfg.eval.scorers, list(cfg.extract.readouts))
+    check_benchmarks(cfg)
     check_backends(cfg)
     check_tracking_uri(cfg)
     if stage == "tune" and resolve_repo_path(cfg.tune.space) is None:

@@ -5,7 +5,7 @@
     nearid score --protocol --model DIR    # backbone, resolution, preprocessing, dtype, readout, dim
     nearid evaluate --config configs/local.yaml [--scorers frozen:map nearid]
     nearid report runs/demo            # every report under a run root, or one report dir
-    nearid mh RATINGS_DIR              # DreamBench++ M-H of every scorer folder (nearid.dreambench)
+    nearid mh RATINGS_DIR              # DreamBench++ M-H of every scorer folder (nearid.benchmarks.dreambench_mh)
     nearid mh-score --pairs PAIRS --model DIR --out RATINGS_DIR/data_<name>_rating
     nearid convert RELEASED_DIR OUT    # released checkpoint (e.g. Aleksandar/nearid-siglip2) -> model dir
     nearid verify ROOT [TABLE] [--repair]  # parts vs. table manifests; --repair moves bad parts aside
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
 
         return cli_convert(args)
     if args.cmd in ("mh", "mh-score"):
-        from .dreambench import cli_mh, cli_mh_score
+        from .benchmarks.dreambench_mh import cli_mh, cli_mh_score
 
         return cli_mh(args) if args.cmd == "mh" else cli_mh_score(args)
     if args.cmd == "score":

@@ -179,7 +179,7 @@ class EvalConfig(Strict):
     split: Literal["train", "val", "test"] = "test"
     pooled_settings: list[str] | None = None   # None: every non-held-apart generated setting
     held_apart: list[str] = []
-    benchmarks: list[Literal["nearid", "mtg", "dreambench"]] = ["nearid", "mtg", "dreambench"]
+    benchmarks: list[str] = ["nearid", "mtg", "dreambench"]   # names in nearid.benchmarks.registry
     plots: bool = True
 
 

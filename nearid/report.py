@@ -4,14 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-TABLE_COLUMNS = [("nearid_ssr", "NearID SSR"), ("nearid_pa", "NearID PA"),
-                 ("nearid_pa_pure", "PA pure"), ("nearid_ssr_unseen", "SSR unseen"),
-                 ("nearid_pa_unseen", "PA unseen"), ("mtg_m_o", "MTG M-O"),
-                 ("mtg_m_o_pair", "MTG M-Opair"), ("mtg_ssr", "MTG SSR"), ("mtg_pa", "MTG PA"),
-                 ("db_m_h", "DB++ M-H")]
+from .benchmarks import registry
 
-
-COUNT_COLUMNS = {"rows", "mtg_n", "db_n"}
 
 
 def pyplot():
@@ -28,10 +22,11 @@ def pyplot():
 def results_table(rows: list[dict]) -> pd.DataFrame:
     """rows: {"scorer": name, "nearid_ssr": .., ...} -> a Table-1-style frame (scorer index)."""
     df = pd.DataFrame(rows).set_index("scorer")
-    cols = [c for c, _ in TABLE_COLUMNS if c in df.columns]
+    table_columns = registry.table_columns()   # the benchmarks' columns, in the registry's order
+    cols = [c for c, _ in table_columns if c in df.columns]
     extra = [c for c in df.columns if c not in cols]
     df = df[cols + extra]
-    return df.rename(columns=dict(TABLE_COLUMNS))
+    return df.rename(columns=dict(table_columns))
 
 
 GROUP_ROWS = ("seen", "unseen", "pooled")
@@ -53,11 +48,13 @@ def settings_table(details: dict) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame, floatfmt: dict | None = None) -> str:
+    counts = set(registry.count_params())   # integer columns
+
     def fmt(col, v):
         if isinstance(v, (float, np.floating)):
             if np.isnan(v):
                 return "-"
-            if col in COUNT_COLUMNS:
+            if col in counts:
                 return str(int(v))
             return f"{v:.3f}" if ("M-" in col or "M-H" in col) else f"{v:.2f}"
         return str(v)

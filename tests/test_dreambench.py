@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from nearid import cli
-from nearid.dreambench import (
+from nearid.benchmarks.dreambench_mh import (
     RatingsError,
     canonical_key,
     category_of,

@@ -7,7 +7,9 @@ import pyarrow as pa
 import pytest
 
 from nearid.report import results_table, to_latex, to_markdown
-from nearid.stages.evaluate import dreambench, mtg_bench, nearid_bench
+from nearid.benchmarks.dreambench import dreambench
+from nearid.benchmarks.mtg import mtg_bench
+from nearid.benchmarks.nearid import nearid_bench
 
 
 def unit(deg):

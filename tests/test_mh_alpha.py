@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from nearid import cli
-from nearid.dreambench import mh_scores
-from nearid.dreambench_ratings import interval_alpha, to_human_scale
+from nearid.benchmarks.dreambench_mh import mh_scores
+from nearid.benchmarks.dreambench_ratings import interval_alpha, to_human_scale
 
 HUMAN = Path("data_human_rating") / "merged_data"
 

@@ -171,8 +171,8 @@ def test_one_pairs_reader_for_the_cli_the_batch_job_and_mh_score(images, tmp_pat
     """`score_io.read_pairs` is what `nearid score --pairs`, `jobs.score` and `nearid mh-score
     --pairs` read with: the same rows from CSV, JSON and Parquet; image bytes kept as bytes;
     each caller's error class and required columns."""
-    from nearid.dreambench import read_mh_pairs
-    from nearid.dreambench_ratings import RatingsError
+    from nearid.benchmarks.dreambench_mh import read_mh_pairs
+    from nearid.benchmarks.dreambench_ratings import RatingsError
     from nearid.score_io import ScoreIOError, read_pairs
     from nearid.stages.score import read_pairs as read_batch_pairs
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from nearid.benchmarks import registry
 from nearid.config import Config
 from tune.search import TIE_EPS, tie_broken
 from tune.space import RUN_KEY, effective_params, trial_params
@@ -35,14 +36,14 @@ def _pick_checkpoint(result, which: str, metric: str, mode: str, tie_break: str 
 
 
 def evaluate_model_dir(cfg: Config, storage, model_dir: str, split: str) -> dict:
-    """NearID SSR/PA, MTG M-O and DB++ M-H of one model dir on one split (NaN where absent)."""
+    """The benchmarks' headline values (NearID SSR/PA, MTG M-O, DB++ M-H: `registry.headline`) of
+    one model dir on one split, by short name (NaN where absent)."""
     from nearid.stages.evaluate import evaluate_scorers
 
     sub = cfg.model_copy(deep=True)
     sub.eval.split = split
     row = evaluate_scorers(sub, storage, [f"nearid:{model_dir}"])["rows"][0]
-    return {"ssr": float(row["nearid_ssr"]), "pa": float(row["nearid_pa"]),
-            "m_o": float(row.get("mtg_m_o", math.nan)), "m_h": float(row.get("db_m_h", math.nan))}
+    return {c.short: float(row.get(c.key, math.nan)) for c in registry.headline()}
 
 
 def _evaluate_checkpoint(cfg, storage, ckpt, split: str) -> dict:
@@ -109,23 +110,23 @@ def trials_frame(rows: list[dict], metric: str, split: str) -> pd.DataFrame:
         hp = ", ".join(f"{k.split('.', 1)[-1]}={_fmt(v)}" for k, v in sorted(r["params"].items()))
         out.append({"trial": r["trial"], "loss": r["loss"], "hyper-parameters": hp,
                     f"best {metric}": r[f"best_{metric}"],
-                    **{f"{split} {label}": r.get(f"{split}_{key}", math.nan)
-                       for key, label in (("ssr", "SSR"), ("pa", "PA"), ("m_o", "M-O"), ("m_h", "M-H"))},
+                    **{f"{split} {c.short_label}": r.get(f"{split}_{c.short}", math.nan)
+                       for c in registry.headline()},
                     "reports": r["reports"], "outcome": r["outcome"]})
     return pd.DataFrame(out)
 
 
 def ablation_frame(rows: list[dict], split: str) -> pd.DataFrame:
     """One row per loss (mean over seeds), in the order the losses were listed."""
-    df = pd.DataFrame([{"loss": r["loss"], "SSR": r.get(f"{split}_ssr", math.nan),
-                        "PA": r.get(f"{split}_pa", math.nan), "M-O": r.get(f"{split}_m_o", math.nan),
-                        "M-H": r.get(f"{split}_m_h", math.nan)} for r in rows])
+    heads = registry.headline()
+    df = pd.DataFrame([{"loss": r["loss"], **{c.short_label: r.get(f"{split}_{c.short}", math.nan) for c in heads}}
+                       for r in rows])
     order = list(dict.fromkeys(df["loss"]))
     agg = df.groupby("loss", sort=False).agg(["mean", "count"])
     out = pd.DataFrame({"loss": order})
-    for col in ("SSR", "PA", "M-O", "M-H"):
-        out[col] = [float(agg.loc[loss, (col, "mean")]) for loss in order]
-    out["seeds"] = [int(agg.loc[loss, ("SSR", "count")]) for loss in order]
+    for c in heads:
+        out[c.short_label] = [float(agg.loc[loss, (c.short_label, "mean")]) for loss in order]
+    out["seeds"] = [int(agg.loc[loss, (heads[0].short_label, "count")]) for loss in order]
     return out
 
 

@@ -16,15 +16,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..benchmarks import registry
 from ..config import model_dir_for
 from ..devices import to_host
 from ..numerics import fixed_threads
-from ..metrics import build_sims, margins, mh_score, mtg_scores, nearid_table
 from ..scorers import parse_scorer
-from ..schema import GRADED, MTG, SIMS, check_columns, column_to_numpy
+from ..schema import SIMS, check_columns, column_to_numpy
 
 log = logging.getLogger("nearid.evaluate")
-BENCH_SOURCES = ("mtg", "graded")
 
 
 def default_model_dir(cfg, storage) -> str:
@@ -32,8 +31,9 @@ def default_model_dir(cfg, storage) -> str:
 
 
 def eval_rows(cfg):
-    """Only what the benchmarks read: the evaluated split, plus the graded pairs (always test)."""
-    return (pc.field("split") == cfg.eval.split) | (pc.field("source") == "graded")
+    """Only what the benchmarks read: the evaluated split, plus the rows of benchmarks scored
+    whatever the split (the graded pairs are all test rows)."""
+    return (pc.field("split") == cfg.eval.split) | pc.field("source").isin(registry.every_split_sources())
 
 
 def scorer_embeddings(storage, cfg, scorer: str, ray=None) -> pd.DataFrame:
@@ -144,84 +144,6 @@ def _nearid_embeddings(storage, cfg, model_dir: str, ray) -> pd.DataFrame:
     return out
 
 
-def nearid_bench(emb: pd.DataFrame, split: str, pooled: list[str] | None, held_apart: list[str],
-                 seen: list[str] | None = None):
-    """sims rows + per-setting/pooled table for one scorer. With `seen` (the training settings),
-    the table also pools the `seen` and the `unseen` settings (generators never trained on)."""
-    e = emb[(emb["split"] == split) & (~emb["source"].isin(BENCH_SOURCES))]
-    if e.empty:
-        raise ValueError(f"no embeddings for split '{split}'")
-    settings = sorted(s for s in e["source"].unique() if s != "positive")
-    sims = build_sims(e, settings=settings)
-    pooled = pooled or [s for s in settings if s not in held_apart]
-    unknown = [s for s in pooled if s not in settings]
-    if unknown:
-        raise ValueError(f"pooled settings {unknown} have no distractors; available: {settings}")
-    table = nearid_table(sims, by="setting", pooled=pooled, held_apart=[h for h in held_apart if h in settings])
-    if seen is not None:
-        groups = {"seen": [s for s in pooled if s in seen], "unseen": [s for s in pooled if s not in seen]}
-        if groups["unseen"]:
-            extra = [nearid_table(sims[sims["setting"].isin(g)], by="setting", pooled=g, pooled_name=name)
-                     .iloc[[-1]] for name, g in groups.items() if g]
-            table = pd.concat([table.iloc[:-1], *extra, table.iloc[[-1]]], ignore_index=True)
-    return sims, table
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return np.einsum("nd,nd->n", a, b)
-
-
-def mtg_bench(emb: pd.DataFrame, mtg: pa.Table, split: str) -> dict:
-    e = emb[emb["source"] == "mtg"]
-    wide = {v: e[e["view"] == v].set_index("id")["embedding"] for v in range(4)}
-    meta = mtg.to_pandas().set_index("id")
-    ids = [i for i in meta.index if meta.loc[i, "split"] == split and all(i in wide[v].index for v in range(4))]
-    if not ids:
-        return {}
-    v = {k: np.stack(wide[k].loc[ids].to_numpy()) for k in range(4)}
-    df = pd.DataFrame({"s12": _cos(v[0], v[1]), "s1_1p": _cos(v[0], v[2]), "s2_2p": _cos(v[1], v[3]),
-                       "s1_2p": _cos(v[0], v[3]), "s2_1p": _cos(v[1], v[2]),
-                       "oracle1": meta.loc[ids, "oracle1"].to_numpy(),
-                       "oracle2": meta.loc[ids, "oracle2"].to_numpy()})
-    return mtg_scores(df)
-
-
-def dreambench(emb: pd.DataFrame, graded: pa.Table) -> dict:
-    e = emb[emb["source"] == "graded"]
-    ref = e[e["view"] == 0].set_index("id")["embedding"]
-    gen = e[e["view"] == 1].set_index("id")["embedding"]
-    g = graded.to_pandas()
-    g["key"] = g["id"] + "/" + g["method"]
-    g = g[g["key"].isin(ref.index) & g["key"].isin(gen.index)]
-    if g.empty:
-        return {}
-    g["score"] = 100 * _cos(np.stack(ref.loc[g["key"]].to_numpy()), np.stack(gen.loc[g["key"]].to_numpy()))
-    return mh_score(g[["method", "category", "score", "rating_g1", "rating_g2"]])
-
-
-def tiers(emb: pd.DataFrame, split: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Three tiers of cosine: same identity (other view), distractor (same background), random."""
-    e = emb[(emb["split"] == split) & (~emb["source"].isin(BENCH_SOURCES))]
-    pos = e[e["source"] == "positive"].set_index(["id", "view"])["embedding"]
-    ids = sorted({i for i, _ in pos.index})
-    rng = np.random.default_rng(seed)
-    same, rand = [], []
-    for i in ids:
-        if (i, 0) in pos.index and (i, 1) in pos.index:
-            same.append(float(np.dot(pos[(i, 0)], pos[(i, 1)])))
-            j = ids[rng.integers(len(ids))]
-            if j != i and (j, 1) in pos.index:
-                rand.append(float(np.dot(pos[(i, 0)], pos[(j, 1)])))
-    dist = []
-    d = e[e["source"] != "positive"]
-    for r in d.itertuples():
-        if (r.id, r.view) in pos.index:
-            dist.append(float(np.dot(pos[(r.id, r.view)], r.embedding)))
-    return {"same identity": np.array(same), "distractor": np.array(dist), "random": np.array(rand)}
-
-
 def sims_table(scorer: str) -> str:
     """Where one scorer's `sims` rows are kept: `sims_<scorer>` (`:` and `/` as `_`, last 60 chars)."""
     return "sims_" + scorer.replace(":", "_").replace("/", "_")[-60:]
@@ -251,41 +173,16 @@ def write_sims(storage, details: dict) -> list[str]:
 
 
 def evaluate_scorers(cfg, storage, scorers: list[str], ray=None) -> dict:
-    """Every benchmark for every scorer; returns rows for the Table-1 report plus details."""
-    ec = cfg.eval
-    held = list(dict.fromkeys([*ec.held_apart, *cfg.generate.held_apart]))
-    mtg = storage.read_table(MTG.name, columns=["id", "split", "oracle1", "oracle2"]) \
-        if "mtg" in ec.benchmarks and storage.table_exists(MTG.name) else None
-    graded = storage.read_table(GRADED.name, columns=["id", "method", "category", "rating_g1", "rating_g2"]) \
-        if "dreambench" in ec.benchmarks and storage.table_exists(GRADED.name) else None
+    """Every benchmark (`nearid.benchmarks.registry`) for every scorer; returns rows for the
+    Table-1 report plus details (sims, per-setting table, margins, tiers)."""
+    data = registry.load(cfg, storage)
     rows, details, timing = [], {}, {"embedding_s": 0.0, "metrics_s": 0.0}
     for scorer in scorers:
         t0 = time.time()
         emb = scorer_embeddings(storage, cfg, scorer, ray)
         t1 = time.time()
-        sims, table = nearid_bench(emb, ec.split, ec.pooled_settings, held, cfg.train.settings)
-        pooled = table[table["setting"] == "pooled"].iloc[0]
-        row = {"scorer": scorer, "nearid_ssr": pooled["ssr"], "nearid_pa": pooled["pa"],
-               "nearid_pa_pure": pooled["pa_pure"], "rows": int(pooled["n"])}
-        unseen = table[table["setting"] == "unseen"]
-        if len(unseen):
-            row.update({"nearid_ssr_unseen": unseen["ssr"].iloc[0], "nearid_pa_unseen": unseen["pa"].iloc[0]})
-        if mtg is not None:
-            m = mtg_bench(emb, mtg, ec.split)
-            row.update({f"mtg_{k}": m[k] for k in ("m_o", "m_o_pair", "ssr", "pa") if k in m})
-            row["mtg_n"] = m.get("n", 0)
-        if graded is not None:
-            d = dreambench(emb, graded)
-            if d:
-                row["db_m_h"] = d["m_h"]
-                row["db_n"] = d["n"]
-        t2 = time.time()
+        values, details[scorer] = registry.score(emb, data, cfg)
+        rows.append({"scorer": scorer, **values})
         timing["embedding_s"] += t1 - t0
-        timing["metrics_s"] += t2 - t1
-        mg = margins(sims)
-        mdf = pd.DataFrame({"setting": np.repeat(sims["setting"].to_numpy(), mg.shape[1]),
-                            "margin": mg.reshape(-1)})
-        details[scorer] = {"sims": sims, "table": table, "margins": mdf.dropna(),
-                           "tiers": tiers(emb, ec.split)}
-        rows.append(row)
+        timing["metrics_s"] += time.time() - t1
     return {"rows": rows, "details": details, "timing": timing}

@@ -10,6 +10,7 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from .. import report
+from ..benchmarks import registry
 from ..images import decode_image
 from ..schema import DISTRACTORS, POSITIVES
 from ..scorers import parse_scorer
@@ -86,25 +87,19 @@ def write_report(storage, tracker, result: dict, name: str, plots: bool = True,
     return {"markdown": md, "frame": df, "settings_markdown": settings_md}
 
 
-# Table-1 row keys -> metric names shared by every scorer's run (so MLflow's compare view lines
-# them up); counts go to params
-EVAL_METRICS = {"nearid_ssr": "eval/ssr", "nearid_pa": "eval/pa", "nearid_pa_pure": "eval/pa_pure",
-                "nearid_ssr_unseen": "eval/ssr_unseen", "nearid_pa_unseen": "eval/pa_unseen",
-                "mtg_m_o": "mtg/m_o", "mtg_m_o_pair": "mtg/m_o_pair", "mtg_ssr": "mtg/ssr",
-                "mtg_pa": "mtg/pa", "db_m_h": "dbpp/m_h"}
-EVAL_COUNTS = {"rows": "count.eval_rows", "mtg_n": "count.mtg_items", "db_n": "count.dbpp_pairs"}
-
-
 def scorer_metrics(row: dict, table=None) -> tuple[dict, dict]:
-    """(metrics, count params) of one scorer's row (+ per-setting SSR/PA from its table)."""
+    """(metrics, count params) of one scorer's row (+ per-setting SSR/PA from its table). Metric
+    names are the benchmarks' (`registry.metric_names`), the same for every scorer's run so that
+    MLflow's compare view lines them up; counts go to params."""
+    names, count_params = registry.metric_names(), registry.count_params()
     metrics, counts = {}, {}
     for k, v in row.items():
         if k == "scorer" or not isinstance(v, (int, float)) or v != v:
             continue
-        if k in EVAL_COUNTS or k.endswith("_n") or k == "n":
-            counts[EVAL_COUNTS.get(k, f"count.{k}")] = int(v)
+        if k in count_params or k.endswith("_n") or k == "n":
+            counts[count_params.get(k, f"count.{k}")] = int(v)
         else:
-            metrics[EVAL_METRICS.get(k, f"eval/{k}")] = float(v)
+            metrics[names.get(k, f"eval/{k}")] = float(v)
     if table is not None:
         for r in table.itertuples():
             if r.setting != "pooled":

@@ -4,7 +4,7 @@ A pairs table (Parquet or CSV, local or s3://) with `reference`, `generated` (pa
 bytes) and optional `method`, `prompt` is scored by a NearID model in a Ray Data actor pool into
 a `scores` table; unreadable images become rejects, never a silent drop. `score` is the cosine
 similarity of the two L2-normalised embeddings, in [-1, 1], the scale `nearid score` prints
-(DreamBench++ M-H's 100 * cos is applied by `nearid.dreambench.score_mh_pairs`, not here).
+(DreamBench++ M-H's 100 * cos is applied by `nearid.benchmarks.dreambench_mh.score_mh_pairs`, not here).
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ path below the run folder with `/` turned into `-` and no extension) and `refere
 `generated` the image paths or URLs. `pairs_from_samples` builds it from the DreamBench++
 samples release (`<run>/src_image/<rel>.png` against `<run>/tgt_image/<rel>.png`).
 
-The ratings side (keys, files, M-H): nearid/dreambench_ratings.py, its names re-exported here.
+The ratings side (keys, files, M-H): nearid/benchmarks/dreambench_ratings.py, its names re-exported here.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .score_io import read_pairs
+from ..score_io import read_pairs
+from .dreambench import MH_SCALE
 from .dreambench_ratings import (CATEGORY_ORDER, CLIP, GROUPS, HUMAN_DIR, HUMAN_SUFFIX,  # noqa: F401
                                  KEY_ALIASES, SCORER_DIR, HumanRatings, RatingsError, canonical_key,
                                  category_of, find_scorers, format_mh, load_human, mh_scores, pearson,
@@ -139,8 +140,8 @@ def score_mh_pairs(pairs: pd.DataFrame, model_dir: str, use_ray: bool = True, ac
     (`nearid.stages.score.run_score`) or, with use_ray=False, in-process `score_pairs`.
     An unreadable image raises RatingsError naming the row and file."""
     if not use_ray:
-        from .images import BadImage
-        from .model import NearIDModel, score_pairs
+        from ..images import BadImage
+        from ..model import NearIDModel, score_pairs
 
         model = NearIDModel.from_pretrained(model_dir)
         for col in ("reference", "generated"):  # name the image, not a bare stack trace
@@ -152,11 +153,11 @@ def score_mh_pairs(pairs: pd.DataFrame, model_dir: str, use_ray: bool = True, ac
             cos = score_pairs(model, list(zip(pairs["reference"], pairs["generated"])), batch_size)
         except (OSError, BadImage) as e:
             raise RatingsError(f"pairs: cannot read an image ({e})") from None
-        return 100.0 * np.asarray(cos, dtype=np.float64)
+        return MH_SCALE * np.asarray(cos, dtype=np.float64)
 
-    from .raytools import init_ray
-    from .stages.score import run_score
-    from .storage import Storage
+    from ..raytools import init_ray
+    from ..stages.score import run_score
+    from ..storage import Storage
 
     def local_abs(p: str) -> str:  # Ray workers need not share the driver's working directory
         return p if "://" in p else os.path.abspath(p)
@@ -175,7 +176,7 @@ def score_mh_pairs(pairs: pd.DataFrame, model_dir: str, use_ray: bool = True, ac
         i = int(bad["pair"].iloc[0])
         raise RatingsError(f"pairs row {i} (method {pairs['method'][i]!r}, key {pairs['key'][i]!r}): "
                            f"{bad['error'].iloc[0]} ({len(bad)} unreadable pair(s))")
-    return 100.0 * out["score"].to_numpy(dtype=np.float64)  # the scores table holds the cosine
+    return MH_SCALE * out["score"].to_numpy(dtype=np.float64)  # the scores table holds the cosine
 
 
 def check_out_dir(out: str | Path) -> str:

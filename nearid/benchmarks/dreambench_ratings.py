@@ -1,4 +1,4 @@
-"""DreamBench++ ratings folders and M-H (the whole story: nearid/dreambench.py): keys and their
+"""DreamBench++ ratings folders and M-H (the whole story: nearid/benchmarks/dreambench_mh.py): keys and their
 reconciliation, reading human and scorer rating files, and the per-category M-H and
 Krippendorff's alpha of every scorer folder (`mh_scores`, `format_mh`)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import fisher_z_mean
+from ..metrics import fisher_z_mean
 
 HUMAN_DIR = Path("data_human_rating") / "merged_data"
 GROUPS = ("group1", "group2")
