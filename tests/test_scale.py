@@ -33,18 +33,18 @@ def three_sources(tmp_path):
 
 
 def test_streamed_image_rows_equal_the_whole_table_read(three_sources):
-    from nearid.stages.extract import IMAGE_ROWS, _image_rows, iter_image_rows
+    from nearid.sources import IMAGE_ROWS, image_rows, scan
 
     for src, n in (("positive", 120), ("a", 120), ("b", 80), ("mtg", 20)):
-        whole = _image_rows(three_sources, src)
-        pieces = list(iter_image_rows(three_sources, src, batch_rows=7))
+        whole = image_rows(three_sources, src)
+        pieces = list(scan(three_sources, src, batch_rows=7))
         assert whole.num_rows == n and whole.schema.equals(IMAGE_ROWS)
         assert max(p.num_rows for p in pieces) <= 7 * (4 if src == "mtg" else 1)
         key = lambda t: sorted(zip(*(t[c].to_pylist() for c in ("id", "view", "source", "split", "image"))))  # noqa: E731
         assert key(pa.concat_tables(pieces)) == key(whole)
-        keys_only = pa.concat_tables(list(iter_image_rows(three_sources, src, with_image=False, batch_rows=7)))
+        keys_only = pa.concat_tables(list(scan(three_sources, src, with_image=False, batch_rows=7)))
         assert "image" not in keys_only.column_names and keys_only.num_rows == n
-    test_only = _image_rows(three_sources, "positive", splits=["test"])
+    test_only = image_rows(three_sources, "positive", splits=["test"])
     assert set(test_only["split"].to_pylist()) == {"test"} and test_only.num_rows == 30
 
 

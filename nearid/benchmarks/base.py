@@ -31,14 +31,13 @@ class Benchmark:
     """Subclasses set the class attributes and implement `load` and `score`.
 
     `source`: the features `source` its images are extracted under (None: the identity images,
-    positives and distractor settings); `always`: runs whatever `eval.benchmarks` lists;
-    `every_split`: its rows are scored whatever `eval.split` is.
+    positives and distractor settings; `nearid.sources`); `always`: runs whatever
+    `eval.benchmarks` lists.
     """
 
     name: str = ""
     source: str | None = None
     always: bool = False
-    every_split: bool = False
     columns: tuple[Column, ...] = ()
     counts: tuple[Count, ...] = ()
 

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from ..metrics import mh_score
 from ..schema import GRADED
+from ..sources import GRADED_SOURCE
 from .base import Benchmark, Column, Count, cosine
 
 # DreamBench++'s scale: its protocol scores a pair as 100 x cosine (the M-H correlation does not
@@ -19,7 +20,7 @@ MH_SCALE = 100.0
 
 def dreambench(emb: pd.DataFrame, graded: pa.Table) -> dict:
     """`metrics.mh_score` over the graded pairs whose two embeddings are there ({} if none)."""
-    e = emb[emb["source"] == "graded"]
+    e = emb[emb["source"] == GRADED_SOURCE]
     ref = e[e["view"] == 0].set_index("id")["embedding"]
     gen = e[e["view"] == 1].set_index("id")["embedding"]
     g = graded.to_pandas()
@@ -33,8 +34,7 @@ def dreambench(emb: pd.DataFrame, graded: pa.Table) -> dict:
 
 class DreamBenchBenchmark(Benchmark):
     name = "dreambench"
-    source = "graded"
-    every_split = True     # the graded pairs are all test rows
+    source = GRADED_SOURCE
     columns = (Column("db_m_h", "DB++ M-H", "dbpp/m_h", "m_h", "M-H"),)
     counts = (Count("db_n", "count.dbpp_pairs"),)
 

@@ -8,16 +8,15 @@ import pyarrow as pa
 
 from ..metrics import mtg_scores
 from ..schema import MTG
+from ..sources import MTG_SOURCE, MTG_VIEWS
 from .base import Benchmark, Column, Count, cosine
 
-# features views of an MTG sample: 0/1 the originals, 2/3 their part edits (image_1p, image_2p)
-VIEWS = ("image_1", "image_2", "image_1p", "image_2p")
 
 
 def mtg_bench(emb: pd.DataFrame, mtg: pa.Table, split: str) -> dict:
     """`metrics.mtg_scores` of the split's samples that have all four embeddings ({} if none)."""
-    e = emb[emb["source"] == "mtg"]
-    wide = {v: e[e["view"] == v].set_index("id")["embedding"] for v in range(len(VIEWS))}
+    e = emb[emb["source"] == MTG_SOURCE]   # views 0/1 the originals, 2/3 their part edits
+    wide = {v: e[e["view"] == v].set_index("id")["embedding"] for v in range(len(MTG_VIEWS))}
     meta = mtg.to_pandas().set_index("id")
     ids = [i for i in meta.index if meta.loc[i, "split"] == split and all(i in wide[v].index for v in range(4))]
     if not ids:
@@ -32,7 +31,7 @@ def mtg_bench(emb: pd.DataFrame, mtg: pa.Table, split: str) -> dict:
 
 class MTGBenchmark(Benchmark):
     name = "mtg"
-    source = "mtg"
+    source = MTG_SOURCE
     columns = (
         Column("mtg_m_o", "MTG M-O", "mtg/m_o", "m_o", "M-O"),
         Column("mtg_m_o_pair", "MTG M-Opair", "mtg/m_o_pair"),

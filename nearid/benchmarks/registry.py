@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .. import sources
 from . import dreambench, mtg, nearid
 from .base import Benchmark, Column
 
@@ -20,8 +21,8 @@ def benchmark_sources() -> tuple[str, ...]:
 
 
 def every_split_sources() -> list[str]:
-    """Sources whose rows are scored whatever `eval.split` is."""
-    return [b.source for b in BENCHMARKS if b.source and b.every_split]
+    """Benchmark sources whose rows are scored whatever `eval.split` is (a fixed split of their own)."""
+    return [b.source for b in BENCHMARKS if b.source and sources.source(b.source).fixed_split]
 
 
 def columns() -> list[Column]:

@@ -21,12 +21,10 @@ from ..images import BadImage, decode_image
 from ..manifest import stage_leases
 from ..storage import StorageRefused  # noqa: F401 (raised here; re-exported)
 from ..raytools import fault_point, record_placement, write_dataset
-from ..schema import (DISTRACTORS, FEATURE_KEY, FEATURE_META, GRADED, MTG, POSITIVES, REJECTS, embedding_column,
-                      make_key, tensor_column)
+from ..schema import FEATURE_KEY, REJECTS, embedding_column, make_key, tensor_column
+from ..sources import available, scan
 
 log = logging.getLogger("nearid.extract")
-MTG_VIEWS = ("image_1", "image_2", "image_1p", "image_2p")
-IMAGE_ROWS = pa.schema([*FEATURE_META, ("image", pa.binary())])   # what extraction reads, one row per image
 
 
 
@@ -166,64 +164,6 @@ class Embed:
         return pa.table(cols)
 
 
-def _image_rows(storage, source: str, splits=None) -> pa.Table:
-    """Long table (id, view, source, split, image) for one source."""
-    parts = list(iter_image_rows(storage, source, splits))
-    return pa.concat_tables(parts) if parts else IMAGE_ROWS.empty_table()
-
-
-_SCANS = {"positive": (POSITIVES.name, ["id", "view", "split"], ["image"]),
-          "mtg": (MTG.name, ["id", "split"], list(MTG_VIEWS)),
-          "graded": (GRADED.name, ["id", "method"], ["reference", "generated"])}
-
-
-def iter_image_rows(storage, source: str, splits=None, with_image: bool = True,
-                    batch_rows: int = 2048):
-    """The long rows (id, view, source, split[, image]) of one source, streamed from its table a
-    piece at a time (`Storage.scan`): the driver never holds a whole table's image bytes."""
-    name, keys, images = _SCANS.get(source, (DISTRACTORS.name, ["id", "view", "split"], ["image"]))
-    flt = None
-    if name == DISTRACTORS.name:
-        flt = (pc.field("setting") == source) & (pc.field("status") == "ok")
-    for t in storage.scan(name, columns=keys + (images if with_image else []), filter=flt, batch_rows=batch_rows):
-        long = _long(t, source, images, with_image)
-        if splits is not None and source not in ("mtg", "graded"):
-            long = long.filter(pc.is_in(long["split"], pa.array(splits)))
-        if long.num_rows:
-            yield long
-
-
-def _long(t: pa.Table, source: str, images: list[str], with_image: bool) -> pa.Table:
-    """One row per image: mtg's four views and graded's reference/generated become views 0.."""
-    n = t.num_rows
-    cols = ["id", "view", "source", "split"] + (["image"] if with_image else [])
-    if source in ("mtg", "graded"):
-        ids = t["id"] if source == "mtg" else pa.array(
-            [f"{i}/{m}" for i, m in zip(t["id"].to_pylist(), t["method"].to_pylist())], pa.string())
-        split = t["split"] if source == "mtg" else pa.array(["test"] * n, pa.string())
-        views = list(MTG_VIEWS) if source == "mtg" else ["reference", "generated"]
-        parts = []
-        for v, col in enumerate(views):
-            d = {"id": ids, "view": pa.array([v] * n, pa.int8()), "source": pa.array([source] * n, pa.string()),
-                 "split": split}
-            if with_image:
-                d["image"] = t[col]
-            parts.append(pa.table(d))
-        return pa.concat_tables(parts).select(cols)
-    t = t.append_column("source", pa.array([source] * n, pa.string()))
-    return t.select(cols)
-
-
-def available_sources(storage, cfg) -> list[str]:
-    if cfg.extract.sources:
-        return list(cfg.extract.sources)
-    out = ["positive"]
-    if storage.table_exists(DISTRACTORS.name):
-        out += sorted(set(storage.read_table(DISTRACTORS.name, columns=["setting"])["setting"].to_pylist()))
-    out += [s for s, t in (("mtg", MTG.name), ("graded", GRADED.name)) if storage.table_exists(t)]
-    return out
-
-
 def pool_shape(e, resources: dict) -> dict:
     """Actor counts for the cluster at hand: model actors one per GPU (num_actors 0) or as
     configured; decode actors up to what the CPUs left over by the model actors allow."""
@@ -260,14 +200,14 @@ def _run_extract(cfg, storage, ray, out_table: str, chunk_rows: int, allow_large
     e = cfg.extract
     t0 = time.time()
     _check_same_scorer(storage, out_table, e)
-    sources = available_sources(storage, cfg)
+    sources = available(storage, cfg)
     done = storage.keys(out_table, FEATURE_KEY)
     # a keys-only pass: counts for the size check and the reconcile; image bytes are read below,
     # a chunk at a time, so the driver's memory does not grow with the run
     n_input, n_todo = {}, 0
     for src in sources:
         n_input[src] = 0
-        for t in iter_image_rows(storage, src, e.splits, with_image=False):
+        for t in scan(storage, src, e.splits, with_image=False):
             n_input[src] += t.num_rows
             n_todo += int(pc.sum(_pending(t, done)).as_py() or 0)
     write_tokens = e.write_tokens and not e.model_dir
@@ -310,7 +250,7 @@ def _pending_chunks(storage, sources: list[str], splits, done: set, chunk_rows: 
     last one fewer)."""
     buf, n = [], 0
     for src in sources:
-        for t in iter_image_rows(storage, src, splits):
+        for t in scan(storage, src, splits):
             t = t.filter(_pending(t, done))
             buf.append(t)
             n += t.num_rows

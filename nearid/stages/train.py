@@ -14,6 +14,7 @@ from ..config import config_to_dict, flatten, model_dir_for, train_run_name
 from ..protocol import PROTOCOL_FILE
 from ..raytools import write_dataset
 from ..schema import flatten_tokens, items_table
+from ..sources import MTG_SOURCE, available, image_rows, is_setting, source
 from ..training.items import group_items, group_key, item_sources, mtg_as_rows
 
 log = logging.getLogger("nearid.train")
@@ -27,11 +28,8 @@ def train_settings(cfg, storage) -> list[str]:
     """Training settings: the configured list, else every generated setting not held apart."""
     if cfg.train.settings:
         return list(cfg.train.settings)
-    from .extract import available_sources
-
     held = set(cfg.generate.held_apart) | set(cfg.eval.held_apart)
-    return [s for s in available_sources(storage, cfg)
-            if s not in ("positive", "mtg", "graded") and s not in held]
+    return [s for s in available(storage, cfg) if is_setting(s) and s not in held]
 
 
 class _ToItemRows:
@@ -41,15 +39,15 @@ class _ToItemRows:
     def __init__(self, split: str, sources: list[str], input_mode: str, mtg_repeat: int, seed: int):
         self.split, self.sources, self.input_mode = split, set(sources), input_mode
         self.column = "tokens" if input_mode == "tokens" else "image"   # items hold `images`
-        self.mtg_repeat, self.seed = (mtg_repeat if "mtg" in sources else 0), seed
+        self.mtg_repeat, self.seed = (mtg_repeat if MTG_SOURCE in sources else 0), seed
 
     def __call__(self, t: pa.Table) -> pa.Table:
         if "error" in t.column_names:
             t = t.filter(pc.equal(t["error"], ""))
         t = t.filter(pc.equal(t["split"], self.split))
-        is_mtg = pc.equal(t["source"], "mtg")
+        is_mtg = pc.equal(t["source"], MTG_SOURCE)
         rest = t.filter(pc.invert(is_mtg))
-        rest = rest.filter(pc.is_in(rest["source"], pa.array(sorted(self.sources - {"mtg"}))))
+        rest = rest.filter(pc.is_in(rest["source"], pa.array(sorted(self.sources - {MTG_SOURCE}))))
         parts = [rest.select([*FEATURE_COLS, self.column])]
         mtg = t.filter(is_mtg)
         if mtg.num_rows and self.mtg_repeat:
@@ -76,9 +74,7 @@ def _grouper(sources: list[str], input_mode: str, token_shape):
 
 def _image_features(storage, cfg) -> pa.Table:
     """Backbone-in-the-loop mode: the same long table as features, with image bytes."""
-    from .extract import _image_rows, available_sources
-
-    parts = [_image_rows(storage, s) for s in available_sources(storage, cfg) if s != "graded"]
+    parts = [image_rows(storage, s) for s in available(storage, cfg) if source(s).trains]
     t = pa.concat_tables(parts)
     return t.append_column("error", pa.array([""] * t.num_rows, pa.string()))
 
@@ -94,7 +90,7 @@ def build_items(ray, cfg, storage, split: str, settings: list[str], mtg_repeat: 
         return name, storage.read_json(f"{name}/_SUCCESS.json")["rows"]
     storage.delete_dir(name)
     token_shape = None
-    wanted = list(sources) if mtg_repeat else [s for s in sources if s != "mtg"]
+    wanted = list(sources) if mtg_repeat else [s for s in sources if s != MTG_SOURCE]
     if input_mode == "tokens":
         token_shape = tuple(storage.dataset("features").schema.field("tokens").type.shape)
     if input_mode == "tokens" and storage.table_bytes("features") <= DRIVER_READ_MAX_BYTES:

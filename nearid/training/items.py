@@ -16,12 +16,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..schema import flatten_tokens, items_schema, unflatten_tokens
+from ..sources import MTG_SOURCE, POSITIVE
 
 N_VIEWS = 3
 
 
 def item_sources(settings: list[str]) -> list[str]:
-    return ["positive", *settings, "mtg"]
+    return [POSITIVE, *settings, MTG_SOURCE]
 
 
 def item_seed(seed: int, epoch: int, id_: str) -> int:
@@ -212,7 +213,7 @@ def mtg_as_rows(mtg_features: pa.Table) -> pa.Table:
     """MTG features (views 0..3 = image_1, image_2, image_1p, image_2p) in the item layout:
     originals as positive views 0/1, part edits as source "mtg" views 0/1."""
     view = mtg_features["view"].to_numpy().astype(np.int8)
-    source = np.where(view >= 2, "mtg", "positive")
+    source = np.where(view >= 2, MTG_SOURCE, POSITIVE)
     new_view = np.where(view >= 2, view - 2, view).astype(np.int8)
     ids = pc.binary_join_element_wise("mtg:", mtg_features["id"], "")
     t = mtg_features.set_column(mtg_features.schema.get_field_index("view"), "view", pa.array(new_view))
