@@ -33,7 +33,7 @@ from nearid.images import decode_image
 from nearid.schema import embedding_column, tensor_column
 from nearid.stages.extract import build_processor, load_scorer, run_extract
 from nearid.stages.synth import make_world
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 
 def bare_loop(cfg, images: list[bytes], batch: int) -> float:

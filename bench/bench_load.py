@@ -22,7 +22,7 @@ from nearid.raytools import init_ray
 from nearid.stages.extract import run_extract
 from nearid.stages.generate import run_generate
 from nearid.stages.synth import run_synth
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 
 class PeakRSS:

@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     from nearid.stages.generate import run_generate
     from nearid.stages.synth import run_synth
     from nearid.stages.train import run_train
-    from nearid.storage import Storage
+    from nearid.io.storage import Storage
     from nearid.training.loop import steps_for
 
     root = Path(args.root or tempfile.mkdtemp(prefix="nearid-chaos-"))

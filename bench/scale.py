@@ -99,7 +99,7 @@ def set_up(ray, rows: int, root: Path, extra: list[str] = ()) -> None:
     """The inputs of the timed stages: positives, mtg and distractors (skipped when present)."""
     from nearid.stages.generate import run_generate
     from nearid.stages.synth import run_synth
-    from nearid.storage import Storage
+    from nearid.io.storage import Storage
 
     cfg, storage = _config(rows, root, extra), Storage.open(str(root))
     run_synth(cfg, storage, ray)
@@ -113,7 +113,7 @@ def measure(ray, rows: int, root: Path, extra: list[str] = ()) -> dict:
     from nearid.stages.evaluate import evaluate_scorers
     from nearid.stages.extract import run_extract, token_shape
     from nearid.stages.train import run_train
-    from nearid.storage import Storage
+    from nearid.io.storage import Storage
 
     cfg, storage = _config(rows, root, extra), Storage.open(str(root))
     sampler = Sampler()

@@ -12,7 +12,7 @@ from nearid.checks import check_input_file, check_model_source
 from nearid.launch import run_entry
 from nearid.raytools import init_ray
 from nearid.stages.score import run_score
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 from nearid.tracking import Tracker
 
 

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     pl.add_argument("--config", required=True, help="YAML config file")
     pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     pl.add_argument("--usd-per-gpu-hour", type=float, default=None, help="price (default: plan.usd_per_gpu_hour)")
-    from .verify import add_verify_args
+    from .io.verify import add_verify_args
 
     v = sub.add_parser("verify", help="check every table's parts against its manifest (--repair: move bad ones aside)",
                        description="List missing, truncated or altered Parquet parts of the tables under ROOT "
@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     add_verify_args(v)
     args = p.parse_args(argv)
     if args.cmd == "verify":
-        from .verify import cli_verify
+        from .io.verify import cli_verify
 
         return cli_verify(args)
     if args.cmd == "plan":

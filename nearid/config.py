@@ -27,7 +27,7 @@ class RunConfig(Strict):
 class StorageConfig(Strict):
     """S3 settings; empty fields fall back to the usual AWS environment variables.
 
-    Leases (`nearid.leases`): a stage holds one per table it writes; a lease whose heartbeat is
+    Leases (`nearid.io.leases`): a stage holds one per table it writes; a lease whose heartbeat is
     older than `lease_expiry_s` is taken over. `lease_wait_s`: how long a run waits for another
     run's lease (0: refuse at once; null: no limit; `--wait [SECONDS]` sets it)."""
     endpoint_url: str | None = None

@@ -11,7 +11,7 @@ import sys
 from .checks import check_config, check_scorers
 from .preflight import EndpointError, check_endpoints
 from .config import ConfigError, add_config_args, dump_yaml, load_config
-from .storage import DuplicateKeys, Storage, StorageError, StorageRefused, TableCorrupt
+from .io.storage import DuplicateKeys, Storage, StorageError, StorageRefused, TableCorrupt
 
 USER_ERRORS = (ConfigError, StorageError, EndpointError, FileNotFoundError)
 
@@ -25,7 +25,7 @@ def add_stage_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_errors() -> tuple:
-    from .leases import LeaseHeld, LeaseLost
+    from .io.leases import LeaseHeld, LeaseLost
 
     return (LeaseHeld, LeaseLost, TableCorrupt, DuplicateKeys)
 

@@ -30,7 +30,7 @@ from nearid.head import MAPHead
 from nearid.numerics import rowwise
 from nearid.protocol import PROTOCOL_FILE, check_protocol, model_protocol, read_protocol, write_protocol
 from nearid.released import check_tensor_names, is_released_config, load_released, stored_dtype
-from nearid.storage import download_s3_dir
+from nearid.io.storage import download_s3_dir
 
 FORMAT_NAME = "nearid-model"
 FORMAT_VERSION = 1

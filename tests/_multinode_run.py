@@ -13,7 +13,7 @@ from nearid.config import load_config
 from nearid.stages.extract import run_extract
 from nearid.stages.generate import run_generate
 from nearid.stages.synth import run_synth
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 
 def main(root: str) -> None:

@@ -13,7 +13,7 @@ from PIL import Image
 from nearid.importers import (import_distractors, import_mtg, import_positives, main,
                               open_source, read_split_file, scan_stream)
 from nearid.schema import DISTRACTORS, MTG, POSITIVES, REJECTS
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 CORRUPT = b"\x89PNG\r\n\x1a\nthis is not a png"
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pytest
 
 from nearid.config import load_config
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,10 +24,10 @@ import pytest
 from nearid import manifest
 from nearid.cli import main as cli_main
 from nearid.config import StorageConfig, load_config
-from nearid.leases import Lease, LeaseHeld, LeaseLost, files_for
-from nearid.manifest import stage_leases
+from nearid.io.leases import Lease, LeaseHeld, LeaseLost, files_for
+from nearid.io.manifest import stage_leases
 from nearid.schema import GRADED, MTG, POSITIVES
-from nearid.storage import DuplicateKeys, Storage, TableCorrupt
+from nearid.io.storage import DuplicateKeys, Storage, TableCorrupt
 
 pytestmark = [pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +183,8 @@ def test_two_synth_runs_started_together_write_every_key_once(backend, wait, tmp
 HOLDER = """
 import sys, time
 from nearid.config import StorageConfig
-from nearid.leases import Lease
-from nearid.storage import Storage
+from nearid.io.leases import Lease
+from nearid.io.storage import Storage
 root, endpoint, *pairs = sys.argv[1:]
 cfg = StorageConfig(endpoint_url=endpoint, access_key_id="testing", secret_access_key="testing") \\
     if endpoint != "-" else StorageConfig()
@@ -217,7 +217,7 @@ def test_sigkilled_owner_lease_is_taken_over(backend, tmp_path, ray_local, caplo
     dead = lease_record(st, "positives")
     assert dead is not None and dead["owner"]["pid"] == owner.pid     # a SIGKILLed owner releases nothing
     cfg = cfg_for(root, endpoint, "storage.lease_expiry_s=2")
-    with caplog.at_level(logging.INFO, logger="nearid.leases"):
+    with caplog.at_level(logging.INFO, logger="nearid.io.leases"):
         run_synth(cfg, st, ray_local)
     assert f"pid {owner.pid} on this host) is gone" in caplog.text and "took over the lease" in caplog.text
     assert_every_key_once(st, cfg)
@@ -240,7 +240,7 @@ def test_a_silent_remote_owners_lease_is_taken_over_after_its_expiry(backend, ca
     with pytest.raises(LeaseHeld, match=r"host node-7 pid 4242, Ray job 02000000"):
         Lease(st, "positives", "synth").acquire(0)
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="nearid.leases"):
+    with caplog.at_level(logging.WARNING, logger="nearid.io.leases"):
         lease = Lease(st, "positives", "synth").acquire(wait_s=60)
     waited = time.monotonic() - t0
     assert 1.0 < waited < 30, waited

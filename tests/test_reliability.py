@@ -20,7 +20,7 @@ from nearid.images import BadImage, decode_image, decode_mask, encode_png
 from nearid.metrics import build_sims, nearid_scores, nearid_table
 from nearid.schema import POSITIVES
 from nearid.stages.generate import Inpaint, Prepare
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from nearid.schema import DISTRACTORS, MTG, POSITIVES
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -146,7 +146,7 @@ def test_mistakes_are_one_error_line_before_scoring(kind, model_dir, pairs, tmp_
 @pytest.mark.timeout(900)
 def test_batch_job_scores_table_holds_the_same_cosines(model_dir, pairs, expected, tmp_path, ray_local):
     from jobs import score
-    from nearid.storage import Storage
+    from nearid.io.storage import Storage
 
     res = score.main(["--pairs", str(pairs[0]), "--model", model_dir, "--out", str(tmp_path / "run"),
                       "--batch-size", "2"])

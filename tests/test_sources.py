@@ -10,7 +10,7 @@ from nearid.benchmarks import registry
 from nearid.config import Config
 from nearid.schema import DISTRACTORS, GRADED, MTG, POSITIVES
 from nearid.stages.train import train_settings
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 
 def _write(storage, spec, rows: list[dict]) -> None:

@@ -7,7 +7,7 @@ import pytest
 from nearid.config import StorageConfig
 from nearid.schema import (POSITIVES, TABLES, column_to_numpy, embedding_column, features_schema,
                            tensor_column)
-from nearid.storage import Storage, StorageError
+from nearid.io.storage import Storage, StorageError
 
 
 def _positives(n=4, split="train"):

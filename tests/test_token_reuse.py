@@ -9,7 +9,7 @@ import pytest
 
 from nearid.config import BackboneConfig, load_config
 from nearid.schema import tensor_column
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 
 
 def test_identity_is_the_name_plus_what_changes_a_random_backbones_tokens(tmp_path):

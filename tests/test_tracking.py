@@ -20,7 +20,7 @@ from PIL import Image
 
 from nearid.config import load_config
 from nearid.model import NearIDModel
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 from nearid.tracking import Tracker, use_local_proxied_artifacts
 
 from tests.conftest import free_port

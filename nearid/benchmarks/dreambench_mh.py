@@ -157,7 +157,7 @@ def score_mh_pairs(pairs: pd.DataFrame, model_dir: str, use_ray: bool = True, ac
 
     from ..raytools import init_ray
     from ..stages.score import run_score
-    from ..storage import Storage
+    from ..io.storage import Storage
 
     def local_abs(p: str) -> str:  # Ray workers need not share the driver's working directory
         return p if "://" in p else os.path.abspath(p)

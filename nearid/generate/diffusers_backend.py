@@ -85,10 +85,10 @@ def hub_offline() -> bool:
 
 def resolve_model_path(model: str, storage_options: dict | None = None, cache_dir: str | None = None) -> str:
     """Return something `from_pretrained` can open: hub ids and local dirs as given, `s3://`
-    pipeline dirs copied once into the shared cache (`nearid.storage.download_s3_dir`)."""
+    pipeline dirs copied once into the shared cache (`nearid.io.storage.download_s3_dir`)."""
     if not model.startswith("s3://"):
         return model
-    from ..storage import download_s3_dir, s3_filesystem
+    from ..io.storage import download_s3_dir, s3_filesystem
 
     remote = model[len("s3://"):].rstrip("/")
     if not s3_filesystem(storage_options).exists(remote + "/model_index.json"):

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one import; a user mistake prints one `error: ...` line and returns 2."""
-    from ..storage import Storage, StorageError
+    from ..io.storage import Storage, StorageError
 
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

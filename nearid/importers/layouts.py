@@ -59,7 +59,7 @@ def filesystem_for(item: str, storage_options: dict | None, _cache: dict | None 
     """(pyarrow filesystem, path inside it, URI prefix for messages) of a local path or s3:// URI."""
     item = str(item)
     if item.startswith("s3://"):
-        from ..storage import arrow_s3_filesystem
+        from ..io.storage import arrow_s3_filesystem
 
         fs = (_cache or {}).get("s3") or arrow_s3_filesystem(storage_options)
         if _cache is not None:

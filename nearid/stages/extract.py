@@ -18,8 +18,8 @@ from ..backbones.dispatch import backbone_kwargs, load_backbone, processor_for, 
 from ..config import BackboneConfig
 from ..devices import to_host
 from ..images import BadImage, decode_image
-from ..manifest import stage_leases
-from ..storage import StorageRefused  # noqa: F401 (raised here; re-exported)
+from ..io.manifest import stage_leases
+from ..io.storage import StorageRefused  # noqa: F401 (raised here; re-exported)
 from ..raytools import fault_point, record_placement, write_dataset
 from ..schema import FEATURE_KEY, REJECTS, embedding_column, make_key, tensor_column
 from ..sources import available, scan

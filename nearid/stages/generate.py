@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..images import BadImage, decode_image, decode_mask, encode_png
-from ..manifest import stage_leases
+from ..io.manifest import stage_leases
 from ..raytools import chunks, fault_point, record_placement, write_dataset
 from ..schema import DISTRACTORS, POSITIVES, REJECTS, make_key
 

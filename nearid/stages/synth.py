@@ -6,7 +6,7 @@ import time
 
 import pyarrow as pa
 
-from ..manifest import stage_leases
+from ..io.manifest import stage_leases
 from ..raytools import write_dataset
 from ..schema import GRADED, MTG, POSITIVES, conform
 

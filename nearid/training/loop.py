@@ -71,7 +71,7 @@ class Context:
 
 
 def _open_storage(cfg: Config):
-    from ..storage import Storage
+    from ..io.storage import Storage
 
     return Storage.open(cfg.run.root, cfg.storage)
 

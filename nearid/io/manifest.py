@@ -34,12 +34,12 @@ from typing import Iterable, Iterator, Sequence
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .schema import TABLES
-from . import faults
+from ..schema import TABLES
+from .. import faults
 from .errors import DuplicateKeys, StorageError, TableCorrupt
 from .leases import DEFAULT_EXPIRY_S, Lease, commit_lock, held
 
-log = logging.getLogger("nearid.manifest")
+log = logging.getLogger("nearid.io.manifest")
 MANIFEST = "_manifest.json"
 QUARANTINE = "_quarantine"
 FORMAT = "nearid-manifest/1"

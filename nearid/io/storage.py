@@ -6,9 +6,9 @@ finished file is then moved into place, so a killed write never leaves a partial
 A stage that finishes writes `<table>/_SUCCESS.json` with its counts; reruns skip keys already
 present, so a crash between moves is repaired without duplicates.
 
-Every commit holds the table's commit lock (`nearid.leases`), refuses keys the table already holds
+Every commit holds the table's commit lock (`nearid.io.leases`), refuses keys the table already holds
 (key columns only) and records its parts (rows, bytes, checksum) in `<table>/_manifest.json`
-(`nearid.manifest`); reads check part sizes against that manifest before pyarrow opens a file.
+(`nearid.io.manifest`); reads check part sizes against that manifest before pyarrow opens a file.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from .errors import DuplicateKeys, StorageError, StorageRefused, TableCorrupt  # noqa: F401 (re-exported)
 from .leases import commit_lock
 from .manifest import commit, forget, load as load_manifest, parts_on_disk, validate
-from .schema import TableSpec
+from ..schema import TableSpec
 
 _PART_VALUE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 

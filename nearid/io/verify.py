@@ -112,7 +112,7 @@ def add_verify_args(p) -> None:
 def cli_verify(args) -> int:
     """`nearid verify ROOT [TABLE] [--repair]`: exit 1 if any part is missing, truncated or altered
     (0 when clean, or when --repair moved every bad part aside); 2 on a user mistake."""
-    from .config import StorageConfig
+    from ..config import StorageConfig
     from .leases import LeaseHeld
     from .storage import Storage
 

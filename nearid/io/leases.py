@@ -45,7 +45,7 @@ from typing import Iterator, Sequence
 from .atomic_files import files_for
 from .errors import StorageError
 
-log = logging.getLogger("nearid.leases")
+log = logging.getLogger("nearid.io.leases")
 LEASE_DIR = "_leases"
 FORMAT = "nearid-lease/1"
 DEFAULT_EXPIRY_S = 120.0
