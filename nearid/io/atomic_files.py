@@ -1,7 +1,7 @@
 """One small file, changed only atomically: exclusive create, compare-and-swap replace and
 compare-and-delete, on a local root (`os.link` / `O_EXCL`, an `flock` around compare + replace)
 or on S3 (conditional PUT/DELETE with `If-None-Match: *` / `If-Match: <ETag>`). What a lease
-(nearid/leases.py) is built on; `files_for(storage)` picks the implementation for a root.
+(nearid/io/leases.py) is built on; `files_for(storage)` picks the implementation for a root.
 
 `read` returns (bytes, version, mtime) or None; `create`/`replace` return the new version or
 None when the condition failed; `delete` returns whether it deleted.

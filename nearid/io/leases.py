@@ -25,7 +25,7 @@ A lease is one small JSON file, `<root>/_leases/<table>.json`:
 `stage_leases()` is what the stage runners use; `commit_lock()` is a short lease
 (`<table>.commit.json`) that `Storage.commit_staging` holds while it checks keys, moves parts and
 updates the table manifest, so commits to one table (leased or not, e.g. `rejects`) never interleave.
-The atomic file operations underneath (local and S3): nearid/atomic_files.py.
+The atomic file operations underneath (local and S3): nearid/io/atomic_files.py.
 """
 from __future__ import annotations
 

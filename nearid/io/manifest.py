@@ -1,5 +1,5 @@
 """Table manifests: every committed part file recorded at commit, checked on read, verified and
-repaired by `nearid verify` (nearid/verify.py).
+repaired by `nearid verify` (nearid/io/verify.py).
 
 `<root>/<table>/_manifest.json` (rewritten atomically, under the table's commit lock, at every
 commit):

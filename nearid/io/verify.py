@@ -2,7 +2,7 @@
 (sizes, and SHA-256 / ETag unless --quick); `--repair` moves bad parts to
 `<table>/_quarantine/<UTC stamp>/` (never deletes data), drops them from the manifest, records
 readable unrecorded parts and clears `_SUCCESS.json`, so a rerun of the stage recomputes exactly
-their keys. The manifest format and the checks on commit and read: nearid/manifest.py.
+their keys. The manifest format and the checks on commit and read: nearid/io/manifest.py.
 """
 from __future__ import annotations
 
