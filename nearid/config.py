@@ -161,6 +161,9 @@ class TrainConfig(Strict):
     input_mode: Literal["tokens", "images"] = "tokens"
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
+    # torch threads of a CPU worker (None: int(cpus_per_worker)); part of the config because the
+    # float sums of a step split by thread count: the same count gives the same bytes anywhere
+    threads: int | None = Field(None, ge=1)
     use_gpu: bool = False
     val_every_steps: int = Field(0, ge=0)   # 0: once per epoch
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: once per epoch

@@ -194,7 +194,7 @@ def train_loop(config: dict | LoopSpec) -> dict:
     use_cuda = tc.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if not use_cuda:
-        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+        torch.set_num_threads(tc.threads or max(1, int(tc.cpus_per_worker)))
 
     model = NearIDModel.from_backbone(cfg.extract.backbone.name, **backbone_kwargs(cfg.extract.backbone))
     head = model.head.to(device)
