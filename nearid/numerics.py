@@ -18,8 +18,8 @@ image) takes another kernel for another row count and sums a row by its position
 so a head's output for an image depends on which images share its batch: the order Ray Data
 delivers rows in. `rowwise` runs such a function one image at a time on the CPU (on CUDA it runs
 batched). Thread counts are fixed by the config (`train.threads` or `train.cpus_per_worker`,
-`extract.cpus_per_actor`) and by
-`fixed_threads` for in-driver evaluation, never by the machine's core count.
+`extract.cpus_per_actor`) and by `fixed_threads` for in-driver evaluation, never by the machine's
+core count.
 """
 from __future__ import annotations
 
