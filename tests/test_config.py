@@ -69,3 +69,17 @@ def test_secret_rule_hides_credentials_but_not_settings_named_like_them():
     assert hidden == {"storage.secret_access_key", "hub.hf_token", "x.api_key", "db.password",
                       "storage.access_key", "tracking.auth"}
     assert out["extract.backbone.tiny.token_mixing"] == "False" and out["extract.write_tokens"] == "True"
+
+
+def test_training_threads_come_from_the_config_never_the_machine():
+    """A CPU worker's torch threads (its float sums split by them): `train.threads`, else
+    int(`train.cpus_per_worker`); the embedded default trains on both cores of its 2-core box."""
+    from nearid.training.loop import worker_threads
+
+    assert worker_threads(load_config("configs/local.yaml").train) == 2
+    assert worker_threads(load_config("configs/tiny.yaml").train) == 1
+    assert worker_threads(load_config("configs/tiny.yaml", ["train.cpus_per_worker=0.5"]).train) == 1
+    assert worker_threads(load_config("configs/paper.yaml").train) == 8
+    assert worker_threads(load_config("configs/tiny.yaml", ["train.threads=3"]).train) == 3
+    with pytest.raises(ConfigError, match="train.threads"):
+        load_config("configs/tiny.yaml", ["train.threads=0"])

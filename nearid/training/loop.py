@@ -176,6 +176,11 @@ class LoopState:
     tracker: object = None
 
 
+def worker_threads(tc) -> int:
+    """torch threads of a CPU training worker: `train.threads`, else int(`train.cpus_per_worker`)."""
+    return tc.threads or max(1, int(tc.cpus_per_worker))
+
+
 def train_loop(config: dict | LoopSpec) -> dict:
     """config: a `LoopSpec` or its `to_dict()` (what Ray Train and Tune hand the workers)."""
     from ..losses import build_loss
@@ -194,7 +199,7 @@ def train_loop(config: dict | LoopSpec) -> dict:
     use_cuda = tc.use_gpu and torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if use_cuda else torch.device("cpu")
     if not use_cuda:
-        torch.set_num_threads(tc.threads or max(1, int(tc.cpus_per_worker)))
+        torch.set_num_threads(worker_threads(tc))
 
     model = NearIDModel.from_backbone(cfg.extract.backbone.name, **backbone_kwargs(cfg.extract.backbone))
     head = model.head.to(device)
