@@ -499,27 +499,24 @@ def test_items_grouped_in_the_driver_equal_those_of_ray_datas_shuffle(pipeline_r
 
 
 def test_publish_final_or_best_say_which(pipeline_run, ray_local):
-    """Two short trainings (each one costs a Ray Train start, so one test shares them): one
-    publishes the final checkpoint, the other the best one, and each model card says which. (That
-    the same seed gives the same model is test_same_seed_same_weights_and_table_whatever_the_parallelism.)"""
+    """The pipeline's own training publishes the final checkpoint (the default), a second short
+    training the best one, and each model card and summary says which (one training less than a
+    final run of its own would cost; that the same seed gives the same model is
+    test_same_seed_same_weights_and_table_whatever_the_parallelism)."""
     from nearid.model import NearIDModel
     from nearid.stages.train import run_train
     from nearid.training.loop import steps_for
 
     root, _ = pipeline_run
     st = Storage.open(str(root))
-    common = ["train.checkpoint_every_steps=2", "train.val_every_steps=2", "train.epochs=2", "train.mtg_repeat=0"]
-    final = run_train(cfg_for(root, *common), st, ray_local, None, run_name="publish-final")
-    n_items = st.read_table("items_tokens_train", columns=["id"]).num_rows
-    total = steps_for(n_items, 16, 1, 2)
-    assert final["mtg_items"] == 0
+    final = st.read_json("models/tiny-train/train_summary.json")
+    total = steps_for(final["items"] + final["mtg_items"], 16, 1, 2)   # identity items + MTG copies
     assert final["published"]["which"] == "final" and final["published"]["step"] == total == final["metrics"]["step"]
-    saved = st.read_json("models/publish-final/train_summary.json")
-    assert saved["published"] == final["published"]
-    card = (root / "models/publish-final/README.md").read_text()
-    assert f"The final checkpoint: step {total}" in card
+    assert f"The final checkpoint: step {total}" in (root / "models/tiny-train/README.md").read_text()
+    common = ["train.checkpoint_every_steps=2", "train.val_every_steps=2", "train.epochs=2", "train.mtg_repeat=0"]
     best = run_train(cfg_for(root, *common, "train.publish=best"), st, ray_local, None, run_name="publish-best")
-    assert best["published"]["which"] == "best"
+    assert best["mtg_items"] == 0 and best["published"]["which"] == "best"
+    assert st.read_json("models/publish-best/train_summary.json")["published"] == best["published"]
     assert best["published"]["val"]["val_ssr"] >= best["metrics"]["val_ssr"]
     assert f"The best checkpoint: step {best['published']['step']}" in (root / "models/publish-best/README.md").read_text()
     NearIDModel.from_pretrained(str(root / "models/publish-best"))
