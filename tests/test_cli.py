@@ -102,18 +102,34 @@ def _run(args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_runtime_mistakes_name_the_file(tiny_model_dir, tmp_path):
+def test_runtime_mistakes_name_the_file(tiny_model_dir, tmp_path, capsys):
+    """`nearid score` mistakes go through the console script's own wrapper in this process
+    (`run_entry`, what `entry()` runs: no Ray there); the jobs' mistakes run as processes, their
+    exit status included (each child spends seconds importing torch and Ray)."""
+    from nearid import cli
+    from nearid.launch import run_entry
+
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("reference,generated\na.png,b.png\n")
+    in_process = {
+        "not an image": (["score", str(notes), str(notes), "--model", str(tiny_model_dir)], "notes.txt: cannot decode"),
+        "missing image": (["score", str(tmp_path / "gone.png"), str(notes), "--model", str(tiny_model_dir)],
+                          "gone.png"),
+        "missing model": (["score", str(notes), str(notes), "--model", str(tmp_path / "nomodel")], "nomodel"),
+    }
+    for name, (args, needle) in in_process.items():
+        capsys.readouterr()
+        rc = run_entry(cli.main, args)
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert rc == 2, (name, err[-3000:])
+        assert len(errors) == 1 and needle in errors[0], (name, err[-3000:])
+        assert "LocalFileOpener" not in err, name
+    with pytest.raises(Exception):                                # --debug lets the error through
+        run_entry(cli.main, ["--debug", "score", str(notes), str(notes), "--model", str(tiny_model_dir)])
     cases = {
-        "not an image": (["nearid.cli", "score", str(notes), str(notes), "--model", str(tiny_model_dir)],
-                         "notes.txt: cannot decode"),
-        "missing image": (["nearid.cli", "score", str(tmp_path / "gone.png"), str(notes), "--model",
-                           str(tiny_model_dir)], "gone.png"),
-        "missing model": (["nearid.cli", "score", str(notes), str(notes), "--model", str(tmp_path / "nomodel")],
-                          "nomodel"),
         "missing pairs": (["jobs.score", "--pairs", str(tmp_path / "nopairs.csv"), "--model", str(tiny_model_dir),
                            "--out", str(tmp_path / "o")], "nopairs.csv"),
         "missing model dir (job)": (["jobs.score", "--pairs", str(pairs), "--model", str(tmp_path / "m2"),
@@ -125,7 +141,7 @@ def test_runtime_mistakes_name_the_file(tiny_model_dir, tmp_path):
     }
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(2) as pool:   # each child spends seconds importing torch and Ray
+    with ThreadPoolExecutor(2) as pool:
         done = dict(zip(cases, pool.map(lambda c: _run(c[0]), cases.values())))
     for name, (args, needle) in cases.items():
         p = done[name]
@@ -133,5 +149,3 @@ def test_runtime_mistakes_name_the_file(tiny_model_dir, tmp_path):
         assert p.returncode == 2, (name, p.stderr[-3000:])
         assert len(errors) == 1 and needle in errors[0], (name, p.stderr[-3000:])
         assert "Traceback" not in p.stderr and "LocalFileOpener" not in p.stderr, name
-    p = _run(["nearid.cli", "--debug", "score", str(notes), str(notes), "--model", str(tiny_model_dir)])
-    assert p.returncode != 0 and "Traceback" in p.stderr          # --debug shows where it failed
